@@ -1,0 +1,157 @@
+"""TrainerCallbacks that prune during fine-tuning: add one to any existing `Trainer` through `callbacks=[...]`.
+
+They are thin: every decision is the `Pruner`'s. `PruningTrainer` uses the same callbacks internally, so a script that
+adds a callback and one that switches to `PruningTrainer` get the same masks for the same seed and config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
+from transformers.utils import logging
+
+from .config import PruningConfig
+from .finalize import save_pruning_artifacts
+from .pruner import STATE_NAME, Pruner
+
+logger = logging.get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+class PruningCallback(TrainerCallback):
+    """Gradual pruning as a `TrainerCallback` (use `MagnitudePruningCallback` or `MovementPruningCallback`).
+
+    Args:
+        config: a `PruningConfig`; its `method` must be one this callback supports.
+    """
+
+    methods: tuple[str, ...] = ("magnitude", "movement")
+
+    def __init__(self, config: PruningConfig) -> None:
+        if not isinstance(config, PruningConfig):
+            raise TypeError(f"{type(self).__name__} takes a PruningConfig, got {type(config).__name__}.")
+        if config.method not in self.methods:
+            if config.method == "soft_movement":
+                raise ValueError(
+                    "PruningConfig.method='soft_movement' learns scores with the optimizer and adds a regulariser to "
+                    "the loss, which a TrainerCallback cannot do. Use hf_prune.PruningTrainer(pruning_config=...) for "
+                    "it, or method='movement' with a callback."
+                )
+            raise ValueError(
+                f"{type(self).__name__} got PruningConfig.method={config.method!r}; it supports {self.methods}."
+            )
+        self.config = config
+        self.pruner: Optional[Pruner] = None
+        self.resume_from: Optional[str] = None  # set by PruningTrainer.train(resume_from_checkpoint=...)
+        self.metrics_logged_by_trainer = False
+
+    def build(self, model) -> Pruner:
+        if self.pruner is None or self.pruner.model is not model:
+            self.pruner = Pruner(model, self.config)
+        return self.pruner
+
+    # Building at the end of Trainer.__init__ makes bad targets or patterns fail before training starts.
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.build(model)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        pruner = self.build(model)
+        pruner.start(state.max_steps)
+        if state.global_step > 0:
+            self._restore(args, state, pruner)
+        self._log_before_reporters()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.pruner.before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.pruner.after_optimizer_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pruner.update(state.global_step):
+            logger.debug("hf_prune: step %d, sparsity %.4f", state.global_step, self.pruner.scheduled_sparsity)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.metrics_logged_by_trainer or self.pruner is None:
+            return
+        metrics = self.pruner.log_metrics()
+        logs.update(metrics)
+        # Trainer copied `logs` into the history before calling callbacks.
+        if state.log_history:
+            state.log_history[-1].update(metrics)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        directory = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(directory):
+            self.pruner.save(directory)
+            save_pruning_artifacts(directory, self.pruner.model, self.config, write_card=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.pruner.apply_masks()
+
+    def _restore(self, args, state, pruner: Pruner) -> None:
+        candidates = [
+            self.resume_from,
+            args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
+            os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}"),
+        ]
+        for directory in candidates:
+            if directory and os.path.isfile(os.path.join(directory, STATE_NAME)):
+                pruner.load(directory)
+                logger.info("hf_prune: restored pruning state of step %d from %s", state.global_step, directory)
+                return
+        # Without the state file, the zeros saved in the weights are the masks; movement scores restart.
+        logger.warning(
+            "hf_prune: resuming at step %d but no %s found in %s; rebuilding masks from the zeros in the weights.",
+            state.global_step,
+            STATE_NAME,
+            [c for c in candidates if c],
+        )
+        for name, module in pruner.modules.items():
+            zeros = module.weight.detach() == 0
+            pruner.masks[name] = zeros if bool(zeros.any()) else None
+        pruner.scheduled_sparsity = pruner.schedule.sparsity_at(state.global_step)
+
+    def _log_before_reporters(self) -> None:
+        # Reporting callbacks (TensorBoard, W&B, ...) are registered before user callbacks, and `on_log` runs in
+        # list order, so sparsity added in our `on_log` would reach them one event late. Moving this callback to the
+        # front of the handler's list makes it write the metrics first. The handler is the caller of this event.
+        handler = sys._getframe(2).f_locals.get("self")
+        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+
+class MagnitudePruningCallback(PruningCallback):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): `PruningConfig(method="magnitude", ...)`."""
+
+    methods = ("magnitude",)
+
+    def __init__(self, config: Optional[PruningConfig] = None) -> None:
+        super().__init__(config if config is not None else PruningConfig(method="magnitude"))
+
+
+class MovementPruningCallback(PruningCallback):
+    """Hard movement pruning (Sanh et al. 2020): `PruningConfig(method="movement", ...)`."""
+
+    methods = ("movement",)
+
+    def __init__(self, config: Optional[PruningConfig] = None) -> None:
+        super().__init__(config if config is not None else PruningConfig(method="movement"))
+
+
+class _SoftMovementCallback(PruningCallback):
+    # Learned scores need PruningTrainer's optimizer and loss; only the trainer builds this callback.
+    methods = ("soft_movement",)
+
+
+def callback_for(config: PruningConfig) -> PruningCallback:
+    """The callback that runs `config.method` (soft movement only inside PruningTrainer)."""
+    classes = {"magnitude": MagnitudePruningCallback, "movement": MovementPruningCallback}
+    return classes.get(config.method, _SoftMovementCallback)(config)

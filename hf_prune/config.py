@@ -1,0 +1,250 @@
+"""`PruningConfig`: what to prune, how much, and when.
+
+A plain dataclass so that `HfArgumentParser` turns it into command-line flags, and YAML/JSON files into configs.
+Everything is validated in `__post_init__`, before a model or a Trainer exists, so bad input fails in seconds and
+not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+METHODS = ("magnitude", "movement", "soft_movement")
+SCHEDULES = ("cubic", "linear", "one_shot")
+GRANULARITIES = ("unstructured", "block", "n:m")
+SCOPES = ("global", "local")
+
+# Linear layers inside numbered transformer blocks: `encoder.layer.3.`, `layers.3.`, `transformer.h.3.`, `blocks.3.`.
+# Embeddings, pooler and classifier/LM heads sit outside the blocks and stay dense.
+DEFAULT_TARGETS = (r"(^|\.)(layer|layers|h|block|blocks)\.\d+\.",)
+DEFAULT_EXCLUDE: tuple[str, ...] = ()
+
+CONFIG_NAME = "pruning_config.json"
+
+
+def _fail(option: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"PruningConfig.{option}={value!r} is invalid: {allowed}.")
+
+
+@dataclass
+class PruningConfig:
+    """Configuration of pruning during fine-tuning.
+
+    Sparsity is the fraction of zero weights among the targeted weights. Steps are optimizer steps (Trainer's
+    `global_step`); fractions of training are fractions of the Trainer's `max_steps`.
+    """
+
+    method: str = field(
+        default="magnitude",
+        metadata={
+            "help": "Importance criterion: 'magnitude' (|W|), 'movement' (accumulated -W*dL/dW, Sanh et al. 2020) or "
+            "'soft_movement' (learned scores with a regulariser; PruningTrainer only)."
+        },
+    )
+    target_sparsity: float = field(
+        default=0.9, metadata={"help": "Final fraction of targeted weights set to zero, in [0, 1)."}
+    )
+    initial_sparsity: float = field(
+        default=0.0, metadata={"help": "Sparsity applied at the first pruning step, in [0, target_sparsity]."}
+    )
+    schedule: str = field(
+        default="cubic",
+        metadata={"help": "Sparsity over steps: 'cubic' (Zhu & Gupta 2017), 'linear' or 'one_shot'."},
+    )
+    warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of training steps before pruning starts (dense fine-tuning)."}
+    )
+    cooldown_fraction: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of training steps at the end with fixed masks, so the kept weights recover."},
+    )
+    pruning_interval: int = field(
+        default=10, metadata={"help": "Optimizer steps between two mask updates while the schedule ramps."}
+    )
+    granularity: str = field(
+        default="unstructured",
+        metadata={"help": "Pattern of zeros: 'unstructured', 'block' (see block_shape) or 'n:m' (see n_m)."},
+    )
+    block_shape: str = field(
+        default="32x32",
+        metadata={"help": "Block size 'ROWSxCOLS' over (out_features, in_features) for granularity='block'."},
+    )
+    n_m: str = field(
+        default="2:4",
+        metadata={
+            "help": "For granularity='n:m': keep N of every M consecutive input weights, e.g. '2:4' (GPU "
+            "semi-structured sparsity). The final sparsity is 1 - N/M and target_sparsity must equal it."
+        },
+    )
+    scope: str = field(
+        default="global",
+        metadata={
+            "help": "'global' ranks all targeted weights together (layers end up with different sparsity); "
+            "'local' gives every targeted module the same sparsity."
+        },
+    )
+    targets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={
+            "help": "Regexes (re.search) over module names; matching nn.Linear/Conv1D modules are pruned. The default "
+            "targets the Linear layers inside the transformer blocks."
+        },
+    )
+    exclude: list[str] = field(
+        default_factory=lambda: list(DEFAULT_EXCLUDE),
+        metadata={"help": "Regexes over module names that are never pruned, applied after `targets`."},
+    )
+    sparsity_overrides: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module target sparsity: {regex: sparsity}. Matching modules follow the same schedule to "
+            "their own target, ranked locally; the others share `target_sparsity`."
+        },
+    )
+    regularization_lambda: float = field(
+        default=1.0,
+        metadata={"help": "soft_movement: weight of the mean-sigmoid(score) regulariser added to the loss."},
+    )
+    score_learning_rate: float = field(
+        default=1e-2, metadata={"help": "soft_movement: learning rate of the learned scores."}
+    )
+    distillation_alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "PruningTrainer with a teacher: weight of the KL(teacher || student) term; the task loss gets "
+            "1 - alpha."
+        },
+    )
+    distillation_temperature: float = field(
+        default=2.0, metadata={"help": "PruningTrainer with a teacher: softmax temperature of the distillation term."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        if isinstance(self.sparsity_overrides, str):
+            # HfArgumentParser hands dict fields over as JSON strings.
+            self.sparsity_overrides = json.loads(self.sparsity_overrides)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the option, the value and what is allowed."""
+        if self.method not in METHODS:
+            _fail("method", self.method, f"choose one of {METHODS}")
+        if self.schedule not in SCHEDULES:
+            _fail("schedule", self.schedule, f"choose one of {SCHEDULES}")
+        if self.granularity not in GRANULARITIES:
+            _fail("granularity", self.granularity, f"choose one of {GRANULARITIES}")
+        if self.scope not in SCOPES:
+            _fail("scope", self.scope, f"choose one of {SCOPES}")
+        for name in ("target_sparsity", "initial_sparsity"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                _fail(name, value, "a sparsity must lie in [0, 1)")
+        if self.initial_sparsity > self.target_sparsity:
+            _fail("initial_sparsity", self.initial_sparsity, f"must not exceed target_sparsity={self.target_sparsity}")
+        for name in ("warmup_fraction", "cooldown_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                _fail(name, value, "a fraction of training must lie in [0, 1)")
+        if self.warmup_fraction + self.cooldown_fraction >= 1.0:
+            _fail(
+                "warmup_fraction",
+                self.warmup_fraction,
+                f"warmup_fraction + cooldown_fraction ({self.cooldown_fraction}) must leave steps to prune in (< 1)",
+            )
+        if not isinstance(self.pruning_interval, int) or self.pruning_interval < 1:
+            _fail("pruning_interval", self.pruning_interval, "a positive number of steps")
+        if self.granularity == "block":
+            self.block_dims  # parses and fails with a clear message
+        if self.granularity == "n:m":
+            n, m = self.n_m_values
+            if abs(self.target_sparsity - (1 - n / m)) > 1e-6:
+                _fail("target_sparsity", self.target_sparsity, f"with n_m={self.n_m!r} it must be 1 - N/M = {1 - n / m}")
+        for option in ("targets", "exclude"):
+            for pattern in getattr(self, option):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    _fail(option, pattern, f"not a valid regular expression ({err})")
+        if not self.targets:
+            _fail("targets", self.targets, "give at least one regex")
+        for pattern, value in self.sparsity_overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                _fail("sparsity_overrides", pattern, f"keys must be valid regular expressions ({err})")
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                _fail("sparsity_overrides", {pattern: value}, "a sparsity must lie in [0, 1)")
+        if self.method == "soft_movement" and self.regularization_lambda < 0:
+            _fail("regularization_lambda", self.regularization_lambda, "must be >= 0")
+        if self.score_learning_rate <= 0:
+            _fail("score_learning_rate", self.score_learning_rate, "must be > 0")
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            _fail("distillation_alpha", self.distillation_alpha, "must lie in [0, 1]")
+        if self.distillation_temperature <= 0:
+            _fail("distillation_temperature", self.distillation_temperature, "must be > 0")
+
+    @property
+    def block_dims(self) -> tuple[int, int]:
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(self.block_shape))
+        if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+            _fail("block_shape", self.block_shape, "write it as 'ROWSxCOLS' with positive integers, e.g. '32x32'")
+        return int(match.group(1)), int(match.group(2))
+
+    @property
+    def n_m_values(self) -> tuple[int, int]:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.n_m))
+        if not match or not 0 < int(match.group(1)) < int(match.group(2)):
+            _fail("n_m", self.n_m, "write it as 'N:M' with 0 < N < M, e.g. '2:4'")
+        return int(match.group(1)), int(match.group(2))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown PruningConfig option(s) {unknown}; allowed options are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str) -> "PruningConfig":
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+    @classmethod
+    def from_yaml(cls, path: str, section: Optional[str] = None) -> "PruningConfig":
+        """Read a YAML file; `section` picks a nested mapping (e.g. 'pruning' in a main-job config)."""
+        import yaml
+
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if section is not None:
+            data = data.get(section, {})
+        return cls.from_dict(data)
+
+    def save_pretrained(self, save_directory: str) -> str:
+        import os
+
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "PruningConfig":
+        import os
+
+        return cls.from_json(os.path.join(directory, CONFIG_NAME))

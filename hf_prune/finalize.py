@@ -1,0 +1,110 @@
+"""Finalising a pruned model: masks made permanent, and the files that travel with a checkpoint.
+
+A checkpoint written here is a standard Transformers checkpoint (zeros stored in place) that
+`AutoModelFor*.from_pretrained` loads without hf_prune, plus `pruning_config.json`, `sparsity_report.json` and a
+model-card section that says what was done and what it does and does not buy at inference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+
+from .config import PruningConfig
+from .masks import sparsity_report
+
+REPORT_NAME = "sparsity_report.json"
+CARD_NAME = "README.md"
+CARD_BEGIN = "<!-- hf_prune:begin -->"
+CARD_END = "<!-- hf_prune:end -->"
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold every mask into its weight and remove the wrappers, in place; returns `model`.
+
+    hf_prune itself keeps no wrappers (its zeros are already in the weights), but models pruned with
+    `torch.nn.utils.prune` or a `parametrize` mask save non-standard keys (`weight_orig`, `parametrizations...`)
+    that `from_pretrained` silently replaces with random weights. After this call the state dict is plain again.
+    """
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                torch_prune.remove(module, hook._tensor_name)
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def model_card_section(config: PruningConfig, report: dict) -> str:
+    """Markdown describing the pruning, for the model card."""
+    nonzero = report["targeted_params"] - report["zero_params"]
+    model_nonzero = report["model_params"] - report["model_zero_params"]
+    lines = [
+        CARD_BEGIN,
+        "## Pruning (hf_prune)",
+        "",
+        f"This model was pruned during fine-tuning with hf_prune using **{config.method}** "
+        f"pruning, `{config.granularity}` granularity, `{config.scope}` ranking and a `{config.schedule}` schedule.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| target sparsity | {config.target_sparsity:.1%} |",
+        f"| measured sparsity of pruned layers | {report['global_sparsity']:.2%} |",
+        f"| pruned layers | {len(report['modules'])} |",
+        f"| non-zero weights in pruned layers | {nonzero:,} of {report['targeted_params']:,} |",
+        f"| non-zero parameters in the model | {model_nonzero:,} of {report['model_params']:,} |",
+        "",
+        "The weights are stored densely with zeros in place: the checkpoint loads with plain "
+        "`AutoModelFor*.from_pretrained`, no hf_prune needed. Scattered zeros make neither the file nor inference "
+        "smaller or faster on their own; structured removal (heads, FFN neurons) and INT8 export are what pay at "
+        "inference. `pruning_config.json` holds the full configuration and `sparsity_report.json` the per-layer "
+        "sparsity.",
+        CARD_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card_section(directory: str, section: str) -> str:
+    """Insert or replace the hf_prune section of `directory/README.md`, keeping whatever else is there."""
+    path = os.path.join(directory, CARD_NAME)
+    existing = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            existing = handle.read()
+    if CARD_BEGIN in existing and CARD_END in existing:
+        head, rest = existing.split(CARD_BEGIN, 1)
+        tail = rest.split(CARD_END, 1)[1].lstrip("\n")
+        text = head + section + tail
+    elif existing:
+        text = existing.rstrip("\n") + "\n\n" + section
+    else:
+        text = "---\nlibrary_name: transformers\ntags:\n- hf_prune\n- pruning\n---\n\n" + section
+    _atomic_write(path, text)
+    return path
+
+
+def save_pruning_artifacts(
+    directory: str, model: nn.Module, config: PruningConfig, write_card: bool = True
+) -> Optional[dict]:
+    """Write `pruning_config.json`, `sparsity_report.json` and (optionally) the model-card section next to weights."""
+    os.makedirs(directory, exist_ok=True)
+    report = sparsity_report(model, config.targets, config.exclude)
+    _atomic_write(os.path.join(directory, "pruning_config.json"), config.to_json_string())
+    _atomic_write(os.path.join(directory, REPORT_NAME), json.dumps(report, indent=2) + "\n")
+    if write_card:
+        write_model_card_section(directory, model_card_section(config, report))
+    return report

@@ -1,0 +1,149 @@
+"""`PruningTrainer`: a drop-in `transformers.Trainer` that prunes while it fine-tunes.
+
+It adds the pruning callback for `pruning_config.method` (the same one a plain `Trainer` can take), and overrides
+only what a callback cannot reach: the loss (distillation from a dense teacher, the soft-movement regulariser), the
+optimizer (learned soft-movement scores), the logs (sparsity beside the loss for every reporter) and saving
+(`pruning_config.json`, sparsity report, model card).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import logging
+
+from .callbacks import PruningCallback, callback_for
+from .config import PruningConfig
+from .finalize import model_card_section, save_pruning_artifacts, write_model_card_section
+from .masks import sparsity_report
+from .pruner import Pruner
+
+logger = logging.get_logger(__name__)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, scaled by T^2 (Hinton et al. 2015).
+
+    Logits of any rank are flattened to (positions, classes), so sequence classification and token-level heads
+    share the same code.
+    """
+    classes = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.reshape(-1, classes).float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.reshape(-1, classes).float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+class PruningTrainer(Trainer):
+    """`Trainer` that prunes `model` during training according to `pruning_config`.
+
+    Args:
+        model: the model to fine-tune and prune.
+        args: the usual `TrainingArguments`.
+        pruning_config: what, how much and when to prune; default `PruningConfig()` (cubic magnitude to 90%).
+        teacher_model: optional dense model whose logits the student learns to match (KL with temperature,
+            weighted by `pruning_config.distillation_alpha`); typically the fine-tuned dense model.
+        **kwargs: anything `Trainer` accepts (`train_dataset`, `compute_metrics`, `callbacks`, ...).
+    """
+
+    def __init__(
+        self,
+        model: Union[PreTrainedModel, nn.Module, None] = None,
+        args=None,
+        pruning_config: Optional[PruningConfig] = None,
+        teacher_model: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
+        self.pruning_config = pruning_config if pruning_config is not None else PruningConfig()
+        if not isinstance(self.pruning_config, PruningConfig):
+            raise TypeError(f"pruning_config must be a PruningConfig, got {type(self.pruning_config).__name__}.")
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if any(isinstance(c, PruningCallback) or c is PruningCallback for c in callbacks):
+            raise ValueError("PruningTrainer adds its own pruning callback; remove the hf_prune callback from `callbacks`.")
+        self.pruning_callback = callback_for(self.pruning_config)
+        self.pruning_callback.metrics_logged_by_trainer = True
+        super().__init__(model=model, args=args, callbacks=callbacks + [self.pruning_callback], **kwargs)
+        if self.pruning_callback.pruner is None and self.model is not None:
+            self.pruning_callback.build(self.model)
+        self.teacher_model = self._prepare_teacher(teacher_model)
+
+    @property
+    def pruner(self) -> Pruner:
+        return self.pruning_callback.build(self.model)
+
+    def _prepare_teacher(self, teacher: Optional[nn.Module]) -> Optional[nn.Module]:
+        if teacher is None:
+            return None
+        student_labels = getattr(getattr(self.model, "config", None), "num_labels", None)
+        teacher_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+        if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
+            raise ValueError(
+                f"teacher_model has num_labels={teacher_labels} but the model has {student_labels}; distillation "
+                "needs the same output space."
+            )
+        teacher = teacher.to(self.args.device).eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        return teacher
+
+    # ------------------------------------------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        if isinstance(resume_from_checkpoint, str):
+            self.pruning_callback.resume_from = resume_from_checkpoint
+        elif resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            self.pruning_callback.resume_from = get_last_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        scores = self.pruner.score_parameters()
+        if scores:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in known for p in scores):
+                # Scores want a far larger step than weights (Sanh et al. use 1e-2) and no weight decay.
+                optimizer.add_param_group(
+                    {"params": scores, "lr": self.pruning_config.score_learning_rate, "weight_decay": 0.0}
+                )
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        needs_outputs = return_outputs or self.teacher_model is not None
+        result = super().compute_loss(model, inputs, return_outputs=needs_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if needs_outputs else (result, None)
+        if self.teacher_model is not None and model.training:
+            teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "label")}
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**teacher_inputs).logits
+            student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+            alpha = self.pruning_config.distillation_alpha
+            kd = distillation_loss(student_logits, teacher_logits, self.pruning_config.distillation_temperature)
+            loss = (1.0 - alpha) * loss + alpha * kd
+        if self.pruning_config.method == "soft_movement" and model.training:
+            loss = loss + self.pruning_config.regularization_lambda * self.pruner.regularization()
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Added here rather than in the callback's on_log so every reporter (TensorBoard, W&B) receives them.
+        if self.pruning_callback.pruner is not None:
+            logs.update(self.pruner.log_metrics())
+        super().log(logs, *args, **kwargs)
+
+    # --------------------------------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Standard checkpoint (zeros in place) plus `pruning_config.json`, `sparsity_report.json`, model card."""
+        self.pruner.apply_masks()
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            save_pruning_artifacts(output_dir or self.args.output_dir, self.model, self.pruning_config)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # Trainer's card replaces README.md (push_to_hub writes it after save_model): put our section back.
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            report = sparsity_report(self.model, self.pruning_config.targets, self.pruning_config.exclude)
+            write_model_card_section(self.args.output_dir, model_card_section(self.pruning_config, report))

