@@ -60,9 +60,12 @@ class PruningCallback(TrainerCallback):
         if model is not None:
             self.build(model)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, optimizer=None, **kw
+    ):
         pruner = self.build(model)
         pruner.start(state.max_steps)
+        pruner.attach_optimizer(optimizer)
         if state.global_step > 0:
             self._restore(args, state, pruner)
         self._log_before_reporters()

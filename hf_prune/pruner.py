@@ -86,6 +86,7 @@ class Pruner:
             # Learned scores start at |W| scaled to ~[0, 1]: ranking by magnitude until movement says otherwise.
             self.scores = {n: nn.Parameter(_normalised_magnitude(m.weight)) for n, m in self.modules.items()}
         self.schedule: Optional[SparsitySchedule] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.last_update_step = 0
         self.scheduled_sparsity = 0.0
 
@@ -156,6 +157,15 @@ class Pruner:
             scores = self.scores[name].detach()
         return matrix_view(module, scores)
 
+    def _ranking_scores(self, name: str) -> torch.Tensor:
+        # Pruning is monotone: a pruned weight is already zero, and letting it back in would restart it from zero
+        # while the report counted it as pruned. Ranking it below everything keeps it pruned.
+        scores = self.importance(name)
+        mask = self.masks[name]
+        if mask is not None:
+            scores = scores.masked_fill(matrix_view(self.modules[name], mask), float("-inf"))
+        return scores
+
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
         """Set masks so that the targeted weights reach `sparsity` (overridden modules: their own share) now."""
@@ -174,7 +184,7 @@ class Pruner:
                 final = self.override_of[names[0]]
                 # Same progress along the schedule as the global target, towards the module's own target.
                 target = final * (sparsity / schedule_target) if schedule_target > 0 else final
-            units = [unit_scores(self.importance(n), self.config) for n in names]
+            units = [unit_scores(self._ranking_scores(n), self.config) for n in names]
             for name, pruned_units in zip(names, select_lowest(units, target)):
                 module = self.modules[name]
                 shape = matrix_view(module).shape
@@ -182,6 +192,23 @@ class Pruner:
                 self.masks[name] = mask.t().contiguous() if type(module).__name__ == "Conv1D" else mask
         self.scheduled_sparsity = sparsity
         self.apply_masks()
+        self._clear_optimizer_state()
+
+    def attach_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Let mask updates clear the optimizer state (e.g. Adam moments) of newly pruned weights."""
+        self.optimizer = optimizer
+
+    @torch.no_grad()
+    def _clear_optimizer_state(self) -> None:
+        # Stale momentum would keep pushing a pruned weight; masking it each step hides that, clearing it removes it.
+        if self.optimizer is None:
+            return
+        for name, module in self.modules.items():
+            mask = self.masks[name]
+            state = self.optimizer.state.get(module.weight, {}) if mask is not None else {}
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == mask.shape:
+                    value.masked_fill_(mask, 0.0)
 
     # ------------------------------------------------------------------------------------------ soft movement
     def score_parameters(self) -> list[nn.Parameter]:

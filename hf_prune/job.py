@@ -1,0 +1,176 @@
+"""The main job: fine-tune a dense baseline and a pruned model side by side, and compare them.
+
+Both arms start from the same pretrained weights with the same seed, data order and number of steps, so the table
+they produce isolates what pruning costs. The dense arm doubles as the distillation teacher of the pruned arm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.utils import logging
+
+from .config import PruningConfig
+from .masks import sparsity_report
+from .metrics import compute_metrics
+from .trainer import PruningTrainer
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class JobArguments:
+    """What to train on and for how long. The defaults use the packaged MiniLM and tweet sentiment data."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Model folder or Hub id; default: the packaged all-MiniLM-L6-v2."}
+    )
+    output_dir: str = field(default="outputs/main", metadata={"help": "Where models, results.json and results.md go."})
+    max_steps: int = field(default=250, metadata={"help": "Optimizer steps of each arm (dense and pruned)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of both arms (linear decay)."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Learning-rate warm-up as a fraction of max_steps."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
+    max_length: int = field(default=64, metadata={"help": "Tokens per example (tweets average ~16 words)."})
+    train_size: Optional[int] = field(default=None, metadata={"help": "Cap on training examples (default: all)."})
+    eval_size: int = field(default=2000, metadata={"help": "Examples in the test split used for the final scores."})
+    seed: int = field(default=42, metadata={"help": "Seed of model initialisation and data order (the split is fixed)."})
+    distill: bool = field(default=True, metadata={"help": "Distil the pruned arm from the fine-tuned dense arm."})
+    teacher_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Reuse an already fine-tuned dense model (folder) as baseline and teacher: no dense arm."},
+    )
+    logging_steps: int = field(default=25, metadata={"help": "Log loss and sparsity every N steps."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"JobArguments.{name}={getattr(self, name)!r} is invalid: must be a positive integer.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"JobArguments.learning_rate={self.learning_rate!r} is invalid: must be > 0.")
+
+
+def _training_args(job: JobArguments, output_dir: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=job.max_steps,
+        learning_rate=job.learning_rate,
+        warmup_ratio=job.warmup_ratio,
+        per_device_train_batch_size=job.per_device_train_batch_size,
+        per_device_eval_batch_size=job.per_device_eval_batch_size,
+        logging_steps=job.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=job.seed,
+        data_seed=job.seed,
+        use_cpu=job.use_cpu,
+        dataloader_num_workers=0,
+    )
+
+
+def _load_data(job: JobArguments, tokenizer):
+    from .data import load_sentiment_splits, tokenize_splits
+
+    splits = load_sentiment_splits(seed=42, test_size=job.eval_size, train_size=job.train_size)
+    return tokenize_splits(splits, tokenizer, max_length=job.max_length)
+
+
+def _num_nonzero(model: torch.nn.Module) -> int:
+    return sum(int((p.detach() != 0).sum()) for p in model.parameters())
+
+
+def run_job(job: JobArguments, pruning_config: PruningConfig) -> dict[str, Any]:
+    """Train the dense and the pruned arm, score both on the test split, save the pruned model and the results.
+
+    Returns a dict with one entry per arm (`accuracy`, `macro_f1`, `sparsity`, `nonzero_params`, `train_seconds`).
+    """
+    from .data import LABELS, packaged_model_path
+
+    model_path = job.model_name_or_path or packaged_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = _load_data(job, tokenizer)
+    os.makedirs(job.output_dir, exist_ok=True)
+    labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)), "label2id": {l: i for i, l in enumerate(LABELS)}}
+
+    def fresh_model(path: str):
+        set_seed(job.seed)
+        return AutoModelForSequenceClassification.from_pretrained(path, **labels)
+
+    results: dict[str, Any] = {"job": asdict(job), "pruning_config": pruning_config.to_dict(), "arms": {}}
+
+    def score(name: str, trainer: Trainer, seconds: float) -> None:
+        metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
+        report = sparsity_report(trainer.model, pruning_config.targets, pruning_config.exclude)
+        results["arms"][name] = {
+            "accuracy": metrics["test_accuracy"],
+            "macro_f1": metrics["test_macro_f1"],
+            "sparsity": report["global_sparsity"],
+            "nonzero_params": _num_nonzero(trainer.model),
+            "params": report["model_params"],
+            "train_seconds": seconds,
+        }
+
+    if job.teacher_path:
+        dense = AutoModelForSequenceClassification.from_pretrained(job.teacher_path)
+        dense_trainer = Trainer(model=dense, args=_training_args(job, os.path.join(job.output_dir, "dense")),
+                                compute_metrics=compute_metrics)
+        score("dense", dense_trainer, float("nan"))
+    else:
+        dense = fresh_model(model_path)
+        dense_trainer = Trainer(model=dense, args=_training_args(job, os.path.join(job.output_dir, "dense")),
+                                train_dataset=data["train"], compute_metrics=compute_metrics)
+        start = time.perf_counter()
+        dense_trainer.train()
+        score("dense", dense_trainer, time.perf_counter() - start)
+        dense_trainer.save_model()
+
+    pruned_dir = os.path.join(job.output_dir, "pruned")
+    trainer = PruningTrainer(
+        model=fresh_model(model_path),
+        args=_training_args(job, pruned_dir),
+        pruning_config=pruning_config,
+        teacher_model=dense if job.distill else None,
+        train_dataset=data["train"],
+        compute_metrics=compute_metrics,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    score("pruned", trainer, time.perf_counter() - start)
+    trainer.save_model()
+    tokenizer.save_pretrained(pruned_dir)
+
+    with open(os.path.join(job.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    table = format_table(results)
+    with open(os.path.join(job.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of the arms: accuracy, macro-F1, sparsity of the pruned layers, parameters, time."""
+    rows = [
+        "| arm | accuracy | macro-F1 | sparsity (pruned layers) | non-zero params | train time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    dense_acc = results["arms"].get("dense", {}).get("accuracy")
+    for name, arm in results["arms"].items():
+        relative = f" ({arm['accuracy'] / dense_acc:.1%} of dense)" if dense_acc and name != "dense" else ""
+        rows.append(
+            f"| {name} | {arm['accuracy']:.4f}{relative} | {arm['macro_f1']:.4f} | {arm['sparsity']:.2%} | "
+            f"{arm['nonzero_params']:,} / {arm['params']:,} | {arm['train_seconds']:.0f} |"
+        )
+    return "\n".join(rows)

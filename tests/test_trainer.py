@@ -1,0 +1,296 @@
+"""PruningTrainer and the callbacks with the real Trainer: schedule, zeros, logging, checkpoints, saving."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
+
+from conftest import random_classification_data, tiny_bert, training_args
+from hf_prune import (
+    MagnitudePruningCallback,
+    MovementPruningCallback,
+    PruningConfig,
+    PruningTrainer,
+    sparsity_report,
+)
+from hf_prune.pruner import STATE_NAME
+
+CONFIG = dict(target_sparsity=0.75, warmup_fraction=0.1, cooldown_fraction=0.2, pruning_interval=2)
+
+
+def masks_of(pruner):
+    return {name: mask.clone() for name, mask in pruner.masks.items()}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement"])
+def test_schedule_reaches_target_and_is_followed_at_logged_steps(tmp_path, classification_data, method):
+    config = PruningConfig(method=method, **CONFIG)
+    trainer = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path), pruning_config=config, train_dataset=classification_data
+    )
+    trainer.train()
+    report = sparsity_report(trainer.model)
+    assert abs(report["global_sparsity"] - 0.75) <= 0.001
+    schedule = trainer.pruner.schedule
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 20
+    for entry in logged:
+        step = entry["step"]
+        # Masks change at update steps only; between them the last update's sparsity holds.
+        last_update = max([s for s in range(step + 1) if schedule.is_update_step(s)], default=0)
+        expected = schedule.sparsity_at(last_update) if last_update else 0.0
+        assert entry["scheduled_sparsity"] == pytest.approx(expected, abs=1e-5)
+        assert entry["sparsity"] == pytest.approx(expected, abs=1e-3)
+    assert schedule.end_step == 16 and logged[15]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_pruned_weights_stay_zero_through_optimizer_steps(tmp_path, classification_data, bf16):
+    class CheckZeros(TrainerCallback):
+        def __init__(self):
+            self.checked = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            for name, mask in pruner_ref[0].masks.items():
+                if mask is not None:
+                    weight = pruner_ref[0].modules[name].weight
+                    assert torch.all(weight[mask] == 0), f"{name} revived at step {state.global_step}"
+                    self.checked += 1
+
+    pruner_ref = []
+    checker = CheckZeros()
+    config = PruningConfig(method="magnitude", schedule="one_shot", target_sparsity=0.5, warmup_fraction=0.1)
+    trainer = PruningTrainer(
+        model=tiny_bert(),
+        args=training_args(tmp_path, bf16=bf16, learning_rate=5e-2, max_steps=15),
+        pruning_config=config,
+        train_dataset=classification_data,
+        callbacks=[checker],
+    )
+    pruner_ref.append(trainer.pruner)
+    trainer.train()
+    assert checker.checked > 0
+    # Adam state of pruned weights must not hold momentum that could revive them.
+    for name, mask in trainer.pruner.masks.items():
+        weight = trainer.pruner.modules[name].weight
+        assert torch.all(weight[mask] == 0)
+        exp_avg = trainer.optimizer.state[weight]["exp_avg"]
+        assert torch.all(exp_avg[mask].abs() < 1e-6)
+
+
+@pytest.mark.parametrize(
+    "method,callback_cls", [("magnitude", MagnitudePruningCallback), ("movement", MovementPruningCallback)]
+)
+def test_callback_and_trainer_give_the_same_masks(tmp_path, classification_data, method, callback_cls):
+    config = PruningConfig(method=method, **CONFIG)
+    pruning_trainer = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path / "a"), pruning_config=config, train_dataset=classification_data
+    )
+    pruning_trainer.train()
+    callback = callback_cls(config)
+    plain = Trainer(
+        model=tiny_bert(), args=training_args(tmp_path / "b"), train_dataset=classification_data, callbacks=[callback]
+    )
+    plain.train()
+    for name, mask in pruning_trainer.pruner.masks.items():
+        assert torch.equal(mask, callback.pruner.masks[name]), name
+    assert callback.pruner.measured_sparsity() == pytest.approx(0.75, abs=1e-3)
+
+
+def test_callback_logs_sparsity_before_reporting_callbacks(tmp_path, classification_data):
+    class Reporter(TrainerCallback):
+        """Stands where TensorBoard/W&B stand: registered before user callbacks."""
+
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    reporter = Reporter()
+    trainer = Trainer(
+        model=tiny_bert(),
+        args=training_args(tmp_path),
+        train_dataset=classification_data,
+        callbacks=[reporter, MagnitudePruningCallback(PruningConfig(**CONFIG))],
+    )
+    trainer.train()
+    training_logs = [logs for logs in reporter.seen if "loss" in logs]
+    assert training_logs and all("sparsity" in logs for logs in training_logs)
+    assert training_logs[-1]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    assert all("sparsity" in h for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement"])
+def test_resume_from_checkpoint_ends_with_the_same_masks(tmp_path, classification_data, method):
+    config = PruningConfig(method=method, **CONFIG)
+    args = dict(save_strategy="steps", save_steps=7)
+    full = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path / "full", **args), pruning_config=config,
+        train_dataset=classification_data,
+    )
+    full.train()
+
+    interrupted_dir = tmp_path / "interrupted"
+    first = PruningTrainer(
+        model=tiny_bert(), args=training_args(interrupted_dir, max_steps=20, **args), pruning_config=config,
+        train_dataset=classification_data,
+    )
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:
+                control.should_training_stop = True
+
+    first.add_callback(StopAt())
+    first.train()
+    checkpoint = interrupted_dir / "checkpoint-7"
+    assert (checkpoint / STATE_NAME).is_file() and (checkpoint / "pruning_config.json").is_file()
+
+    resumed = PruningTrainer(
+        model=tiny_bert(), args=training_args(interrupted_dir, **args), pruning_config=config,
+        train_dataset=classification_data,
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 20
+    for name, mask in full.pruner.masks.items():
+        assert torch.equal(mask, resumed.pruner.masks[name]), name
+    assert resumed.pruner.measured_sparsity() == pytest.approx(0.75, abs=1e-3)
+
+
+def test_callback_resumes_from_output_dir_checkpoint(tmp_path, classification_data):
+    config = PruningConfig(method="movement", **CONFIG)
+    args = dict(save_strategy="steps", save_steps=10)
+    full = Trainer(model=tiny_bert(), args=training_args(tmp_path / "full", **args),
+                   train_dataset=classification_data, callbacks=[MovementPruningCallback(config)])
+    full.train()
+    full_masks = masks_of(full.callback_handler.callbacks[0].pruner)
+
+    out = tmp_path / "resumed"
+    first = Trainer(model=tiny_bert(), args=training_args(out, **args), train_dataset=classification_data,
+                    callbacks=[MovementPruningCallback(config)])
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 10
+
+    first.add_callback(StopAt())
+    first.train()
+    callback = MovementPruningCallback(config)
+    second = Trainer(model=tiny_bert(), args=training_args(out, **args), train_dataset=classification_data,
+                     callbacks=[callback])
+    second.train(resume_from_checkpoint=True)
+    for name, mask in full_masks.items():
+        assert torch.equal(mask, callback.pruner.masks[name]), name
+
+
+def test_save_model_reloads_without_hf_prune(tmp_path, classification_data):
+    config = PruningConfig(method="movement", **CONFIG)
+    trainer = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path), pruning_config=config, train_dataset=classification_data
+    )
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    for name in ("config.json", "model.safetensors", "pruning_config.json", "sparsity_report.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert PruningConfig.from_pretrained(str(out)) == config
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["global_sparsity"] == pytest.approx(0.75, abs=1e-3)
+    card = (out / "README.md").read_text()
+    assert "hf_prune" in card and "75.00%" in card
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
+    model = trainer.model.eval()
+    batch = torch.tensor(classification_data[:4]["input_ids"])
+    saved_state = model.state_dict()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, saved_state[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, rtol=0, atol=1e-5)
+    assert sparsity_report(reloaded)["global_sparsity"] == pytest.approx(0.75, abs=1e-3)
+    assert not any("mask" in k or "orig" in k for k in reloaded.state_dict())
+
+
+def test_model_card_section_survives_trainer_card(tmp_path, classification_data):
+    trainer = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path), pruning_config=PruningConfig(**CONFIG),
+        train_dataset=classification_data,
+    )
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("<!-- hf_prune:begin -->") == 1 and "Pruning (hf_prune)" in card
+
+
+def test_movement_scores_respect_gradient_accumulation(tmp_path, classification_data):
+    def scores_after(accumulation, batch):
+        config = PruningConfig(method="movement", target_sparsity=0.5, warmup_fraction=0.5, cooldown_fraction=0.1)
+        trainer = PruningTrainer(
+            model=tiny_bert(),
+            args=training_args(tmp_path / f"acc{accumulation}", max_steps=4, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accumulation, learning_rate=1e-4),
+            pruning_config=config,
+            train_dataset=classification_data,
+        )
+        trainer.train()
+        return trainer.pruner.scores
+
+    whole, accumulated = scores_after(1, 8), scores_after(2, 4)
+    for name, score in whole.items():
+        assert score.abs().sum() > 0
+        torch.testing.assert_close(accumulated[name], score, rtol=1e-3, atol=1e-7)
+
+
+def test_distillation_changes_the_loss_and_checks_labels(tmp_path, classification_data):
+    teacher = tiny_bert(seed=1)
+    trainer = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path, max_steps=2), pruning_config=PruningConfig(**CONFIG),
+        teacher_model=teacher, train_dataset=classification_data,
+    )
+    assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
+    batch = {k: torch.tensor(v) for k, v in classification_data[:8].items()}
+    trainer.model.train()
+    with_teacher = trainer.compute_loss(trainer.model, batch)
+    trainer.teacher_model = None
+    without = trainer.compute_loss(trainer.model, batch)
+    assert not torch.isclose(with_teacher, without)
+    with pytest.raises(ValueError, match="num_labels"):
+        PruningTrainer(model=tiny_bert(), args=training_args(tmp_path), teacher_model=tiny_bert(num_labels=2),
+                       train_dataset=classification_data)
+
+
+def test_bad_input_fails_before_training(tmp_path, classification_data):
+    with pytest.raises(ValueError, match="targets"):
+        Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=classification_data,
+                callbacks=[MagnitudePruningCallback(PruningConfig(targets=[r"no_such_module"]))])
+    with pytest.raises(ValueError, match="n_m"):
+        PruningTrainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=classification_data,
+                       pruning_config=PruningConfig(granularity="n:m", n_m="2:3", target_sparsity=1 / 3))
+    with pytest.raises(ValueError, match="soft_movement"):
+        MovementPruningCallback(PruningConfig(method="soft_movement"))
+    with pytest.raises(ValueError, match="method"):
+        MagnitudePruningCallback(PruningConfig(method="movement"))
+
+
+@pytest.mark.parametrize("granularity,extra", [("block", {"block_shape": "4x4"}), ("n:m", {"n_m": "2:4"})])
+def test_structured_patterns_through_the_trainer(tmp_path, classification_data, granularity, extra):
+    config = PruningConfig(granularity=granularity, target_sparsity=0.5, **extra,
+                           **{k: v for k, v in CONFIG.items() if k != "target_sparsity"})
+    trainer = PruningTrainer(
+        model=tiny_bert(), args=training_args(tmp_path), pruning_config=config, train_dataset=classification_data
+    )
+    trainer.train()
+    for name, module in trainer.pruner.modules.items():
+        weight = module.weight.detach()
+        if granularity == "block":
+            blocks = (weight == 0).reshape(weight.shape[0] // 4, 4, weight.shape[1] // 4, 4).float().mean(dim=(1, 3))
+            assert torch.all((blocks == 0) | (blocks == 1)), name
+        else:
+            assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2), name
+    assert sparsity_report(trainer.model)["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
