@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 METHODS = ("magnitude", "movement", "soft_movement")
 SCHEDULES = ("cubic", "linear", "one_shot")
@@ -97,11 +97,11 @@ class PruningConfig:
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         metadata={"help": "Regexes over module names that are never pruned, applied after `targets`."},
     )
-    sparsity_overrides: dict[str, float] = field(
+    sparsity_overrides: Optional[Union[dict, str]] = field(
         default_factory=dict,
         metadata={
             "help": "Per-module target sparsity: {regex: sparsity}. Matching modules follow the same schedule to "
-            "their own target, ranked locally; the others share `target_sparsity`."
+            "their own target, ranked locally; the others share `target_sparsity`. On the command line: a JSON string."
         },
     )
     regularization_lambda: float = field(
@@ -127,9 +127,16 @@ class PruningConfig:
             self.targets = [self.targets]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+        if self.sparsity_overrides is None:
+            self.sparsity_overrides = {}
         if isinstance(self.sparsity_overrides, str):
             # HfArgumentParser hands dict fields over as JSON strings.
-            self.sparsity_overrides = json.loads(self.sparsity_overrides)
+            try:
+                self.sparsity_overrides = json.loads(self.sparsity_overrides)
+            except json.JSONDecodeError as err:
+                _fail("sparsity_overrides", self.sparsity_overrides, f"give a JSON object of regex: sparsity ({err})")
+        if not isinstance(self.sparsity_overrides, dict):
+            _fail("sparsity_overrides", self.sparsity_overrides, "give a mapping of module-name regex to sparsity")
         self.validate()
 
     def validate(self) -> None:
@@ -160,12 +167,14 @@ class PruningConfig:
             )
         if not isinstance(self.pruning_interval, int) or self.pruning_interval < 1:
             _fail("pruning_interval", self.pruning_interval, "a positive number of steps")
-        if self.granularity == "block":
-            self.block_dims  # parses and fails with a clear message
+        self.block_dims  # both patterns parse (and fail with a clear message) whatever the granularity
+        n, m = self.n_m_values
         if self.granularity == "n:m":
-            n, m = self.n_m_values
             if abs(self.target_sparsity - (1 - n / m)) > 1e-6:
                 _fail("target_sparsity", self.target_sparsity, f"with n_m={self.n_m!r} it must be 1 - N/M = {1 - n / m}")
+            for pattern, value in self.sparsity_overrides.items():
+                if isinstance(value, (int, float)) and value > 1 - n / m + 1e-6:
+                    _fail("sparsity_overrides", {pattern: value}, f"with n_m={self.n_m!r} at most 1 - N/M = {1 - n / m}")
         for option in ("targets", "exclude"):
             for pattern in getattr(self, option):
                 try:
@@ -231,7 +240,9 @@ class PruningConfig:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle) or {}
         if section is not None:
-            data = data.get(section, {})
+            if section not in data:
+                raise ValueError(f"{path} has no section {section!r}; its top-level keys are {sorted(data)}.")
+            data = data[section]
         return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str) -> str:

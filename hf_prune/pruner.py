@@ -252,8 +252,9 @@ class Pruner:
         unknown = set(state["masks"]) - set(self.modules)
         if unknown:
             raise ValueError(f"Pruning state holds masks for modules this model does not target: {sorted(unknown)[:4]}")
-        for name in self.modules:
-            self.masks[name] = state["masks"].get(name)
+        for name, module in self.modules.items():
+            mask = state["masks"].get(name)
+            self.masks[name] = None if mask is None else mask.to(module.weight.device)
         for name, saved in state["scores"].items():
             self.scores[name].copy_(saved)
         self.last_update_step = state["last_update_step"]
@@ -269,7 +270,6 @@ class Pruner:
 
     def load(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
-        state["masks"] = {n: m.to(self.modules[n].weight.device) for n, m in state["masks"].items()}
         self.load_state_dict(state)
 
 

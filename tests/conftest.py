@@ -11,6 +11,10 @@ from datasets import Dataset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process make them
+# ~100x slower through contention.
+torch.set_num_threads(1)
+
 
 def tiny_bert(num_labels: int = 3, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification

@@ -155,18 +155,16 @@ def test_hf_argument_parser_validates():
         parser.parse_args_into_dataclasses(["--method", "random"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SystemExit,
-    reason="HfArgumentParser gives the dict[str, float] field type=dict, so argparse rejects a JSON string "
-    "('invalid dict value') before PruningConfig.__post_init__ can json.loads it",
-)
 def test_hf_argument_parser_sparsity_overrides_json():
     parser = HfArgumentParser(PruningConfig)
     (config,) = parser.parse_args_into_dataclasses(["--sparsity_overrides", '{"attention": 0.5}'])
     assert config.sparsity_overrides == {"attention": 0.5}
+    # The parsed dict is validated like any other.
+    with pytest.raises(ValueError, match="sparsity_overrides"):
+        parser.parse_args_into_dataclasses(["--sparsity_overrides", '{"attention": 1.5}'])
 
 
-def test_sparsity_overrides_json_string_is_parsed():
-    # What the parser would hand over if argparse let the string through.
-    assert PruningConfig(sparsity_overrides='{"attention": 0.5}').sparsity_overrides == {"attention": 0.5}
+def test_sparsity_overrides_json_string_round_trips():
+    config = PruningConfig(sparsity_overrides='{"attention": 0.5}')
+    assert config.sparsity_overrides == {"attention": 0.5}
+    assert PruningConfig.from_dict(config.to_dict()) == config

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
+
+from conftest import tiny_bert, tiny_gpt2
 
 from hf_prune.config import PruningConfig
 from hf_prune.masks import (
@@ -28,22 +29,6 @@ BERT_BLOCK_LINEARS = (
     "output.dense",
 )
 GPT2_BLOCK_CONV1DS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
-    )
-    return BertForSequenceClassification(config)
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(config)
 
 
 # ------------------------------------------------------------------------------------------- find_target_modules
@@ -152,7 +137,9 @@ def test_n_m_units_final_pattern():
     assert bool((mask.sum(dim=-1) == 2).all())
     groups = scores.reshape(6, 4, 4)
     # In every group the two pruned weights are the two lowest-scoring.
-    assert bool((groups.masked_fill(~mask, float("-inf")).amax(-1) < groups.masked_fill(mask, float("inf")).amin(-1)).all())
+    highest_pruned = groups.masked_fill(~mask, float("-inf")).amax(-1)
+    lowest_kept = groups.masked_fill(mask, float("inf")).amin(-1)
+    assert bool((highest_pruned < lowest_kept).all())
 
 
 def _nonzeros_per_group_linear(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -190,10 +177,14 @@ def test_n_m_final_sparsity_gpt2_conv1d():
         in_f, out_f = weight.shape
         magnitude = original[name].abs().reshape(in_f // 4, 4, out_f)
         kept = (weight != 0).reshape(in_f // 4, 4, out_f)
-        assert bool((magnitude.masked_fill(kept, float("-inf")).amax(1) <= magnitude.masked_fill(~kept, float("inf")).amin(1)).all())
+        highest_pruned = magnitude.masked_fill(kept, float("-inf")).amax(1)
+        lowest_kept = magnitude.masked_fill(~kept, float("inf")).amin(1)
+        assert bool((highest_pruned <= lowest_kept).all()), name
 
 
-@pytest.mark.parametrize("model_fn, counter", [(tiny_bert, _nonzeros_per_group_linear), (tiny_gpt2, _nonzeros_per_group_conv1d)])
+@pytest.mark.parametrize(
+    "model_fn, counter", [(tiny_bert, _nonzeros_per_group_linear), (tiny_gpt2, _nonzeros_per_group_conv1d)]
+)
 def test_n_m_intermediate_sparsity_never_exceeds_pattern(model_fn, counter):
     model = model_fn()
     pruner = Pruner(model, PruningConfig(granularity="n:m", n_m="2:4", target_sparsity=0.5))
@@ -216,8 +207,9 @@ def test_check_pattern_fits_block_linear():
 
 def test_check_pattern_fits_n_m_linear():
     linear = nn.Linear(30, 16)
+    config = PruningConfig(granularity="n:m", n_m="2:4", target_sparsity=0.5)
     with pytest.raises(ValueError) as info:
-        check_pattern_fits("encoder.layer.0.odd", linear, PruningConfig(granularity="n:m", n_m="2:4", target_sparsity=0.5))
+        check_pattern_fits("encoder.layer.0.odd", linear, config)
     assert "n_m='2:4'" in str(info.value)
     assert "encoder.layer.0.odd" in str(info.value)
     check_pattern_fits("ok", linear, PruningConfig(granularity="n:m", n_m="1:3", target_sparsity=2 / 3))

@@ -11,26 +11,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
+
+import conftest
 
 from hf_prune.config import PruningConfig
 from hf_prune.finalize import make_permanent
 from hf_prune.pruner import STATE_NAME, Pruner
 
 
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config)
+def tiny_bert() -> nn.Module:
+    return conftest.tiny_bert(num_labels=2)
 
 
 def batch(seed: int = 0, size: int = 4, length: int = 8) -> dict[str, torch.Tensor]:
@@ -39,16 +30,6 @@ def batch(seed: int = 0, size: int = 4, length: int = 8) -> dict[str, torch.Tens
         "input_ids": torch.randint(0, 100, (size, length), generator=generator),
         "labels": torch.randint(0, 2, (size,), generator=generator),
     }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes each step
-    # ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def zeros_of(module: nn.Module) -> int:
@@ -137,6 +118,39 @@ def test_update_follows_schedule():
     assert pruner.update(14)
     assert pruner.measured_sparsity() == pytest.approx(0.5, abs=1e-3)
     assert pruner.last_update_step == 14
+
+
+def test_masks_are_monotone():
+    # A weight pruned once stays pruned, even if its score later rises above the kept ones.
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(method="movement", target_sparsity=0.6))
+    for name, module in pruner.modules.items():
+        pruner.scores[name].copy_(torch.rand(module.weight.shape, generator=torch.Generator().manual_seed(1)))
+    pruner.prune_to(0.3)
+    first = {n: m.clone() for n, m in pruner.masks.items()}
+    for name in pruner.modules:
+        pruner.scores[name].masked_fill_(first[name], 10.0)
+    pruner.prune_to(0.6)
+    for name in pruner.modules:
+        assert bool(pruner.masks[name][first[name]].all()), name
+    assert pruner.measured_sparsity() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_mask_update_clears_adam_state_of_pruned_weights():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(target_sparsity=0.5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner.attach_optimizer(optimizer)
+    model(**batch(0)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    pruner.prune_to(0.5)
+    for name, module in pruner.modules.items():
+        state = optimizer.state[module.weight]
+        mask = pruner.masks[name]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert bool((state[key][mask] == 0).all()), (name, key)
+            assert bool((state[key][~mask] != 0).any()), (name, key)
 
 
 # ------------------------------------------------------------------------------------------ training loop
