@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
-def tiny_bert(num_labels: int = 3, seed: int = 0):
+def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.1):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -28,6 +28,8 @@ def tiny_bert(num_labels: int = 3, seed: int = 0):
         intermediate_size=64,
         max_position_embeddings=64,
         num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return BertForSequenceClassification(config)
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from conftest import random_classification_data, tiny_bert, training_args
@@ -228,22 +229,55 @@ def test_model_card_section_survives_trainer_card(tmp_path, classification_data)
     assert card.count("<!-- hf_prune:begin -->") == 1 and "Pruning (hf_prune)" in card
 
 
-def test_movement_scores_respect_gradient_accumulation(tmp_path, classification_data):
-    def scores_after(accumulation, batch):
-        config = PruningConfig(method="movement", target_sparsity=0.5, warmup_fraction=0.5, cooldown_fraction=0.1)
-        trainer = PruningTrainer(
-            model=tiny_bert(),
-            args=training_args(tmp_path / f"acc{accumulation}", max_steps=4, per_device_train_batch_size=batch,
-                               gradient_accumulation_steps=accumulation, learning_rate=1e-4),
-            pruning_config=config,
-            train_dataset=classification_data,
-        )
-        trainer.train()
-        return trainer.pruner.scores
+def _movement_run(tmp_path, data, accumulation, batch, callbacks=()):
+    config = PruningConfig(method="movement", target_sparsity=0.5, warmup_fraction=0.5, cooldown_fraction=0.1)
+    # No dropout: its random masks would differ between one batch of 8 and two of 4.
+    trainer = PruningTrainer(
+        model=tiny_bert(dropout=0.0),
+        args=training_args(tmp_path / f"acc{accumulation}", max_steps=4, per_device_train_batch_size=batch,
+                           gradient_accumulation_steps=accumulation, learning_rate=1e-4),
+        pruning_config=config,
+        train_dataset=data,
+        callbacks=list(callbacks),
+    )
+    trainer.train()
+    return trainer
 
-    whole, accumulated = scores_after(1, 8), scores_after(2, 4)
-    for name, score in whole.items():
+
+def test_movement_scores_use_complete_accumulated_gradients(tmp_path, classification_data):
+    class Reference(TrainerCallback):
+        """Independent -W * dL/dW sum, taken where the optimizer sees the full accumulated gradient."""
+
+        def __init__(self):
+            self.sums, self.calls = {}, 0
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.calls += 1
+            for name, module in model.named_modules():
+                if name in trainer_modules:
+                    value = -(module.weight.detach() * module.weight.grad)
+                    self.sums[name] = self.sums.get(name, 0) + value
+
+    trainer_modules = set(
+        n for n, m in tiny_bert().named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n
+    )
+    reference = Reference()
+    trainer = _movement_run(tmp_path, classification_data, accumulation=2, batch=4, callbacks=[reference])
+    assert reference.calls == 4  # once per optimizer step, not per micro-batch
+    assert set(trainer.pruner.scores) == trainer_modules
+    for name, score in trainer.pruner.scores.items():
         assert score.abs().sum() > 0
+        torch.testing.assert_close(score, reference.sums[name], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.skipif(
+    transformers.__version__.startswith("5."),
+    reason="Transformers 5 sums (not averages) micro-batch losses of models that accept loss kwargs",
+)
+def test_movement_scores_match_an_unaccumulated_batch(tmp_path, classification_data):
+    whole = _movement_run(tmp_path, classification_data, accumulation=1, batch=8).pruner.scores
+    accumulated = _movement_run(tmp_path, classification_data, accumulation=2, batch=4).pruner.scores
+    for name, score in whole.items():
         torch.testing.assert_close(accumulated[name], score, rtol=1e-3, atol=1e-7)
 
 
