@@ -121,6 +121,14 @@ class PruningConfig:
     distillation_temperature: float = field(
         default=2.0, metadata={"help": "PruningTrainer with a teacher: softmax temperature of the distillation term."}
     )
+    distillation_hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "PruningTrainer with a teacher: weight of the mean-squared error between the student's and the "
+            "teacher's hidden states (layer by layer), added to the loss. A dense per-token signal that speeds up "
+            "recovery from heavy pruning (layer-wise distillation, as in CoFi and oBERT recipes)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -196,6 +204,8 @@ class PruningConfig:
             _fail("score_learning_rate", self.score_learning_rate, "must be > 0")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             _fail("distillation_alpha", self.distillation_alpha, "must lie in [0, 1]")
+        if self.distillation_hidden_weight < 0:
+            _fail("distillation_hidden_weight", self.distillation_hidden_weight, "must be >= 0")
         if self.distillation_temperature <= 0:
             _fail("distillation_temperature", self.distillation_temperature, "must be > 0")
 

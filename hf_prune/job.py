@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -52,6 +51,13 @@ class JobArguments:
         default=None,
         metadata={"help": "Reuse an already fine-tuned dense model (folder) as baseline and teacher: no dense arm."},
     )
+    prune_from_dense: bool = field(
+        default=False,
+        metadata={
+            "help": "Start the pruned arm from the fine-tuned dense weights (prune a fine-tuned model, the usual "
+            "production case) instead of the pretrained ones. Its steps then come on top of the dense arm's."
+        },
+    )
     logging_steps: int = field(default=25, metadata={"help": "Log loss and sparsity every N steps."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
 
@@ -63,7 +69,9 @@ class JobArguments:
             raise ValueError(f"JobArguments.learning_rate={self.learning_rate!r} is invalid: must be > 0.")
 
 
-def _training_args(job: JobArguments, output_dir: str) -> TrainingArguments:
+def training_arguments(job: JobArguments, output_dir: str, seed: Optional[int] = None) -> TrainingArguments:
+    """The TrainingArguments every arm shares, so arms differ only in what they are meant to compare."""
+    seed = job.seed if seed is None else seed
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=job.max_steps,
@@ -74,22 +82,58 @@ def _training_args(job: JobArguments, output_dir: str) -> TrainingArguments:
         logging_steps=job.logging_steps,
         save_strategy="no",
         report_to=[],
-        seed=job.seed,
-        data_seed=job.seed,
+        seed=seed,
+        data_seed=seed,
         use_cpu=job.use_cpu,
         dataloader_num_workers=0,
     )
 
 
-def _load_data(job: JobArguments, tokenizer):
-    from .data import load_sentiment_splits, tokenize_splits
+class JobData:
+    """Model path, tokenizer and tokenized fixed split of a job, loaded once and shared by all arms."""
 
-    splits = load_sentiment_splits(seed=42, test_size=job.eval_size, train_size=job.train_size)
-    return tokenize_splits(splits, tokenizer, max_length=job.max_length)
+    def __init__(self, job: JobArguments) -> None:
+        from .data import LABELS, load_sentiment_splits, packaged_model_path, tokenize_splits
+
+        self.model_path = job.model_name_or_path or packaged_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        splits = load_sentiment_splits(seed=42, test_size=job.eval_size, train_size=job.train_size)
+        self.data = tokenize_splits(splits, self.tokenizer, max_length=job.max_length)
+        self.label_kwargs = {
+            "num_labels": len(LABELS),
+            "id2label": dict(enumerate(LABELS)),
+            "label2id": {label: i for i, label in enumerate(LABELS)},
+        }
+
+    def fresh_model(self, seed: int, path: Optional[str] = None):
+        set_seed(seed)  # the new classifier head is initialised from this seed
+        return AutoModelForSequenceClassification.from_pretrained(path or self.model_path, **self.label_kwargs)
 
 
-def _num_nonzero(model: torch.nn.Module) -> int:
-    return sum(int((p.detach() != 0).sum()) for p in model.parameters())
+def score_arm(trainer: Trainer, data, pruning_config: PruningConfig, seconds: float) -> dict[str, Any]:
+    """Test-split accuracy and macro-F1, measured sparsity of the targeted layers, non-zero parameters, time."""
+    metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
+    report = sparsity_report(trainer.model, pruning_config.targets, pruning_config.exclude)
+    return {
+        "accuracy": metrics["test_accuracy"],
+        "macro_f1": metrics["test_macro_f1"],
+        "sparsity": report["global_sparsity"],
+        "nonzero_params": report["model_params"] - report["model_zero_params"],
+        "params": report["model_params"],
+        "train_seconds": seconds,
+    }
+
+
+def train_dense(job: JobArguments, job_data: JobData, output_dir: str, seed: Optional[int] = None) -> Trainer:
+    seed = job.seed if seed is None else seed
+    trainer = Trainer(
+        model=job_data.fresh_model(seed),
+        args=training_arguments(job, output_dir, seed),
+        train_dataset=job_data.data["train"],
+        compute_metrics=compute_metrics,
+    )
+    trainer.train()
+    return trainer
 
 
 def run_job(job: JobArguments, pruning_config: PruningConfig) -> dict[str, Any]:
@@ -97,66 +141,43 @@ def run_job(job: JobArguments, pruning_config: PruningConfig) -> dict[str, Any]:
 
     Returns a dict with one entry per arm (`accuracy`, `macro_f1`, `sparsity`, `nonzero_params`, `train_seconds`).
     """
-    from .data import LABELS, packaged_model_path
-
-    model_path = job.model_name_or_path or packaged_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = _load_data(job, tokenizer)
+    job_data = JobData(job)
+    data = job_data.data
     os.makedirs(job.output_dir, exist_ok=True)
-    labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)), "label2id": {l: i for i, l in enumerate(LABELS)}}
-
-    def fresh_model(path: str):
-        set_seed(job.seed)
-        return AutoModelForSequenceClassification.from_pretrained(path, **labels)
-
     results: dict[str, Any] = {"job": asdict(job), "pruning_config": pruning_config.to_dict(), "arms": {}}
 
-    def score(name: str, trainer: Trainer, seconds: float) -> None:
-        metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
-        report = sparsity_report(trainer.model, pruning_config.targets, pruning_config.exclude)
-        results["arms"][name] = {
-            "accuracy": metrics["test_accuracy"],
-            "macro_f1": metrics["test_macro_f1"],
-            "sparsity": report["global_sparsity"],
-            "nonzero_params": _num_nonzero(trainer.model),
-            "params": report["model_params"],
-            "train_seconds": seconds,
-        }
-
+    dense_dir = os.path.join(job.output_dir, "dense")
     if job.teacher_path:
         dense = AutoModelForSequenceClassification.from_pretrained(job.teacher_path)
-        dense_trainer = Trainer(model=dense, args=_training_args(job, os.path.join(job.output_dir, "dense")),
-                                compute_metrics=compute_metrics)
-        score("dense", dense_trainer, float("nan"))
+        dense_trainer = Trainer(model=dense, args=training_arguments(job, dense_dir), compute_metrics=compute_metrics)
+        results["arms"]["dense"] = score_arm(dense_trainer, data, pruning_config, float("nan"))
     else:
-        dense = fresh_model(model_path)
-        dense_trainer = Trainer(model=dense, args=_training_args(job, os.path.join(job.output_dir, "dense")),
-                                train_dataset=data["train"], compute_metrics=compute_metrics)
         start = time.perf_counter()
-        dense_trainer.train()
-        score("dense", dense_trainer, time.perf_counter() - start)
+        dense_trainer = train_dense(job, job_data, dense_dir)
+        results["arms"]["dense"] = score_arm(dense_trainer, data, pruning_config, time.perf_counter() - start)
         dense_trainer.save_model()
+        job_data.tokenizer.save_pretrained(dense_dir)
 
     pruned_dir = os.path.join(job.output_dir, "pruned")
+    start_from = (job.teacher_path or dense_dir) if job.prune_from_dense else None
     trainer = PruningTrainer(
-        model=fresh_model(model_path),
-        args=_training_args(job, pruned_dir),
+        model=job_data.fresh_model(job.seed, start_from),
+        args=training_arguments(job, pruned_dir),
         pruning_config=pruning_config,
-        teacher_model=dense if job.distill else None,
+        teacher_model=dense_trainer.model if job.distill else None,
         train_dataset=data["train"],
         compute_metrics=compute_metrics,
     )
     start = time.perf_counter()
     trainer.train()
-    score("pruned", trainer, time.perf_counter() - start)
+    results["arms"]["pruned"] = score_arm(trainer, data, pruning_config, time.perf_counter() - start)
     trainer.save_model()
-    tokenizer.save_pretrained(pruned_dir)
+    job_data.tokenizer.save_pretrained(pruned_dir)
 
     with open(os.path.join(job.output_dir, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
-    table = format_table(results)
     with open(os.path.join(job.output_dir, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
+        handle.write(format_table(results) + "\n")
     return results
 
 

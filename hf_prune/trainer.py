@@ -37,6 +37,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers of the MSE between student and teacher hidden states (same architecture, layer to layer)."""
+    if len(student) != len(teacher):
+        raise ValueError(
+            f"PruningConfig.distillation_hidden_weight needs a teacher with as many layers as the student "
+            f"({len(teacher) - 1} vs {len(student) - 1}); set it to 0 for teachers of another depth."
+        )
+    losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student[1:], teacher[1:])]
+    return torch.stack(losses).mean()
+
+
 class PruningTrainer(Trainer):
     """`Trainer` that prunes `model` during training according to `pruning_config`.
 
@@ -112,17 +123,25 @@ class PruningTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        needs_outputs = return_outputs or self.teacher_model is not None
+        config = self.pruning_config
+        distill = self.teacher_model is not None and model.training
+        hidden = distill and config.distillation_hidden_weight > 0
+        if hidden:
+            inputs = {**inputs, "output_hidden_states": True}
+        needs_outputs = return_outputs or distill
         result = super().compute_loss(model, inputs, return_outputs=needs_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if needs_outputs else (result, None)
-        if self.teacher_model is not None and model.training:
+        if distill:
             teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "label")}
             with torch.no_grad():
-                teacher_logits = self.teacher_model(**teacher_inputs).logits
-            student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-            alpha = self.pruning_config.distillation_alpha
-            kd = distillation_loss(student_logits, teacher_logits, self.pruning_config.distillation_temperature)
+                teacher_outputs = self.teacher_model(**teacher_inputs)
+            alpha = config.distillation_alpha
+            kd = distillation_loss(outputs["logits"], teacher_outputs["logits"], config.distillation_temperature)
             loss = (1.0 - alpha) * loss + alpha * kd
+            if hidden:
+                loss = loss + config.distillation_hidden_weight * hidden_state_loss(
+                    outputs["hidden_states"], teacher_outputs["hidden_states"]
+                )
         if self.pruning_config.method == "soft_movement" and model.training:
             loss = loss + self.pruning_config.regularization_lambda * self.pruner.regularization()
         return (loss, outputs) if return_outputs else loss

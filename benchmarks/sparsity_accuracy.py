@@ -1,0 +1,148 @@
+"""Accuracy at high sparsity: dense vs what users write by hand vs hf_prune recipes, side by side, several seeds.
+
+    python benchmarks/sparsity_accuracy.py --configs configs/default.yaml configs/magnitude.yaml --seeds 0 1
+
+Every arm fine-tunes the packaged MiniLM on the packaged tweet-sentiment split for the same number of steps, with the
+same learning-rate schedule, batch size and data order per seed, and is scored on the same test split.
+
+- `dense`: plain fine-tuning (also the distillation teacher of hf_prune arms with `distill: true`).
+- `torch_prune_baseline`: the recipe from blog posts: `torch.nn.utils.prune.global_unstructured` (L1) over the same
+  Linear layers on the same cubic schedule, no distillation.
+- one arm per hf_prune config file.
+
+Writes JSON and Markdown (mean and per-seed accuracy and macro-F1) to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn.utils import prune
+from transformers import Trainer, TrainerCallback
+
+from hf_prune import PruningConfig, PruningTrainer, make_permanent
+from hf_prune.job import JobArguments, JobData, score_arm, train_dense, training_arguments
+from hf_prune.masks import find_target_modules
+from hf_prune.metrics import compute_metrics
+from hf_prune.schedules import SparsitySchedule
+
+
+class TorchPruneBaseline(TrainerCallback):
+    """Global L1 magnitude pruning with torch.nn.utils.prune on a cubic schedule, as a blog post would write it."""
+
+    def __init__(self, config: PruningConfig) -> None:
+        self.config = config
+        self.pruned_so_far = 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.schedule = SparsitySchedule.from_config(self.config, state.max_steps)
+        self.parameters = [(m, "weight") for m in find_target_modules(model, self.config.targets).values()]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.schedule.is_update_step(state.global_step):
+            return
+        target = self.schedule.sparsity_at(state.global_step)
+        # `amount` is a fraction of the weights still unpruned: PruningContainer composes successive calls.
+        amount = (target - self.pruned_so_far) / (1.0 - self.pruned_so_far)
+        if amount > 0:
+            prune.global_unstructured(self.parameters, pruning_method=prune.L1Unstructured, amount=amount)
+            self.pruned_so_far = target
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        make_permanent(model)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["configs/default.yaml"], help="hf_prune job YAML files")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--no_baseline", action="store_true", help="skip the torch.nn.utils.prune arm")
+    parser.add_argument("--max_steps", type=int, default=250)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
+    parser.add_argument("--workdir", default="outputs/bench_sparsity")
+    args = parser.parse_args(argv)
+
+    from hf_prune.cli import parse_train_args
+
+    arms_config = {}
+    for path in args.configs:
+        job, config = parse_train_args(["--config", path, "--max_steps", str(args.max_steps)])
+        arms_config[os.path.splitext(os.path.basename(path))[0]] = (job, config)
+    base_job = next(iter(arms_config.values()))[0]
+    job_data = JobData(base_job)
+    data = job_data.data
+    baseline_config = PruningConfig(method="magnitude", target_sparsity=next(iter(arms_config.values()))[1].target_sparsity)
+
+    results: dict = {"settings": vars(args), "arms": {}}
+
+    def record(name, seed, row):
+        results["arms"].setdefault(name, {})[str(seed)] = row
+        print(f"seed {seed} {name:<22} acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
+              f"sparsity {row['sparsity']:.4f} ({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)
+
+    for seed in args.seeds:
+        start = time.perf_counter()
+        dense = train_dense(base_job, job_data, os.path.join(args.workdir, f"dense-{seed}"), seed)
+        record("dense", seed, score_arm(dense, data, baseline_config, time.perf_counter() - start))
+
+        if not args.no_baseline:
+            start = time.perf_counter()
+            trainer = Trainer(
+                model=job_data.fresh_model(seed),
+                args=training_arguments(base_job, os.path.join(args.workdir, f"baseline-{seed}"), seed),
+                train_dataset=data["train"], compute_metrics=compute_metrics,
+                callbacks=[TorchPruneBaseline(baseline_config)],
+            )
+            trainer.train()
+            record("torch_prune_baseline", seed, score_arm(trainer, data, baseline_config, time.perf_counter() - start))
+
+        for name, (job, config) in arms_config.items():
+            start = time.perf_counter()
+            trainer = PruningTrainer(
+                model=job_data.fresh_model(seed),
+                args=training_arguments(job, os.path.join(args.workdir, f"{name}-{seed}"), seed),
+                pruning_config=config,
+                teacher_model=dense.model if job.distill else None,
+                train_dataset=data["train"], compute_metrics=compute_metrics,
+            )
+            trainer.train()
+            record(name, seed, score_arm(trainer, data, config, time.perf_counter() - start))
+
+    summary = {}
+    for name, per_seed in results["arms"].items():
+        summary[name] = {
+            key: statistics.mean(row[key] for row in per_seed.values()) for key in ("accuracy", "macro_f1", "sparsity")
+        }
+    results["summary"] = summary
+    dense_acc = summary["dense"]["accuracy"]
+    lines = [
+        f"Packaged MiniLM on tweet sentiment, {args.max_steps} steps, seeds {args.seeds}, test split of "
+        f"{len(data['test'])}; accuracy and macro-F1 are means over seeds.",
+        "",
+        "| arm | sparsity | accuracy | % of dense | macro-F1 | per-seed accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        per_seed = ", ".join(f"{r['accuracy']:.4f}" for r in results["arms"][name].values())
+        lines.append(
+            f"| {name} | {row['sparsity']:.1%} | {row['accuracy']:.4f} | {row['accuracy'] / dense_acc:.1%} | "
+            f"{row['macro_f1']:.4f} | {per_seed} |"
+        )
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output + ".json", "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    with open(args.output + ".md", "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sys.exit(main())
