@@ -96,7 +96,9 @@ class PruningCallback(TrainerCallback):
             save_pruning_artifacts(directory, self.pruner.model, self.config, write_card=False)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.pruner.apply_masks()
+        removed = self.pruner.finish()
+        if removed:
+            logger.info("hf_prune: removed heads %s and FFN neurons of %d layers", removed["heads"], len(removed["neurons"]))
 
     def _restore(self, args, state, pruner: Pruner) -> None:
         candidates = [

@@ -97,6 +97,21 @@ class PruningConfig:
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         metadata={"help": "Regexes over module names that are never pruned, applied after `targets`."},
     )
+    head_sparsity: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of all attention heads to remove, ranked across layers by accumulated importance, on "
+            "the same schedule; masked during training and removed physically when it ends. 0 disables."
+        },
+    )
+    neuron_sparsity: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of all FFN intermediate neurons to remove, like head_sparsity. 0 disables."},
+    )
+    remove_structures: bool = field(
+        default=True,
+        metadata={"help": "Remove masked heads and neurons physically when training ends (smaller, faster model)."},
+    )
     sparsity_overrides: Optional[Union[dict, str]] = field(
         default_factory=dict,
         metadata={
@@ -157,7 +172,7 @@ class PruningConfig:
             _fail("granularity", self.granularity, f"choose one of {GRANULARITIES}")
         if self.scope not in SCOPES:
             _fail("scope", self.scope, f"choose one of {SCOPES}")
-        for name in ("target_sparsity", "initial_sparsity"):
+        for name in ("target_sparsity", "initial_sparsity", "head_sparsity", "neuron_sparsity"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 _fail(name, value, "a sparsity must lie in [0, 1)")

@@ -48,7 +48,39 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def model_card_section(config: PruningConfig, report: dict) -> str:
+def pruned_structure(model: nn.Module) -> Optional[dict]:
+    """`structure_summary(model)` when heads or FFN neurons were removed, else None (also for other architectures)."""
+    from .structure import structure_summary
+
+    try:
+        summary = structure_summary(model)
+    except ValueError:
+        return None
+    return summary if summary["pruned_heads"] or summary["pruned_neurons"] else None
+
+
+def _structure_lines(structure: Optional[dict]) -> list[str]:
+    if structure is None:
+        return []
+    heads = sum(structure["heads_per_layer"])
+    original = structure["num_attention_heads"] * structure["num_layers"]
+    lines = [
+        "",
+        f"Heads and FFN neurons were removed physically: {heads} of {original} attention heads remain "
+        f"(per layer: {structure['heads_per_layer']}), FFN sizes per layer {structure['intermediate_sizes']}, "
+        f"{structure['parameters']:,} parameters.",
+    ]
+    if structure["loads_with_from_pretrained"]:
+        lines.append("The shapes are recorded in `config.pruned_heads`: plain `from_pretrained` loads it.")
+    else:
+        lines.append(
+            "Transformers cannot express these shapes in its config; load with "
+            "`hf_prune.load_pruned(path_or_repo_id)`, which rebuilds them from `hf_prune_structure.json`."
+        )
+    return lines
+
+
+def model_card_section(config: PruningConfig, report: dict, structure: Optional[dict] = None) -> str:
     """Markdown describing the pruning, for the model card."""
     nonzero = report["targeted_params"] - report["zero_params"]
     model_nonzero = report["model_params"] - report["model_zero_params"]
@@ -72,6 +104,7 @@ def model_card_section(config: PruningConfig, report: dict) -> str:
         "smaller or faster on their own; structured removal (heads, FFN neurons) and INT8 export are what pay at "
         "inference. `pruning_config.json` holds the full configuration and `sparsity_report.json` the per-layer "
         "sparsity.",
+        *_structure_lines(structure),
         CARD_END,
         "",
     ]
@@ -105,6 +138,11 @@ def save_pruning_artifacts(
     report = sparsity_report(model, config.targets, config.exclude)
     _atomic_write(os.path.join(directory, "pruning_config.json"), config.to_json_string())
     _atomic_write(os.path.join(directory, REPORT_NAME), json.dumps(report, indent=2) + "\n")
+    structure = pruned_structure(model)
+    if structure is not None:
+        from .structure import save_structure
+
+        save_structure(model, directory)
     if write_card:
-        write_model_card_section(directory, model_card_section(config, report))
+        write_model_card_section(directory, model_card_section(config, report, structure))
     return report

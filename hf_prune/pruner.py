@@ -31,6 +31,7 @@ from .masks import (
 )
 from .schedules import SparsitySchedule
 from .scores import accumulate_movement, magnitude_scores, movement_score_gradient
+from .structured import StructuredPruner
 
 logger = logging.get_logger(__name__)
 
@@ -85,6 +86,10 @@ class Pruner:
         elif config.method == "soft_movement":
             # Learned scores start at |W| scaled to ~[0, 1]: ranking by magnitude until movement says otherwise.
             self.scores = {n: nn.Parameter(_normalised_magnitude(m.weight)) for n, m in self.modules.items()}
+        self.structured: Optional[StructuredPruner] = None
+        if config.head_sparsity > 0 or config.neuron_sparsity > 0:
+            self.structured = StructuredPruner(model, config)
+        self.finished = False
         self.schedule: Optional[SparsitySchedule] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.last_update_step = 0
@@ -122,6 +127,9 @@ class Pruner:
             mask = self.masks[name]
             if mask is not None:
                 grad.masked_fill_(mask, 0.0)
+        if self.structured is not None:
+            self.structured.accumulate()
+            self.structured.mask_gradients()
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -132,10 +140,14 @@ class Pruner:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
+        if self.finished:
+            return  # structures were removed: shapes changed and the zeros are final
         for name, module in self.modules.items():
             mask = self.masks[name]
             if mask is not None:
                 module.weight.masked_fill_(mask, 0.0)
+        if self.structured is not None:
+            self.structured.apply_masks()
 
     def update(self, step: int) -> bool:
         """Recompute masks if `step` is a scheduled pruning step; returns whether it was."""
@@ -143,9 +155,28 @@ class Pruner:
             raise RuntimeError("Pruner.start(total_steps) must be called before update().")
         if not self.schedule.is_update_step(step):
             return False
-        self.prune_to(self.schedule.sparsity_at(step))
+        if self.config.target_sparsity > 0 or self.config.sparsity_overrides:
+            self.prune_to(self.schedule.sparsity_at(step))
+        if self.structured is not None:
+            self.structured.prune_to(
+                self.schedule.sparsity_at(step, self.config.head_sparsity),
+                self.schedule.sparsity_at(step, self.config.neuron_sparsity),
+            )
+            self.structured.clear_optimizer_state(self.optimizer)
         self.last_update_step = step
         return True
+
+    def finish(self) -> Optional[dict]:
+        """End of training: masks applied a last time, masked heads/neurons removed physically if configured.
+
+        Returns what was removed ({"heads": ..., "neurons": ...}) or None.
+        """
+        self.apply_masks()
+        if self.structured is None or not self.config.remove_structures or self.finished:
+            return None
+        removed = self.structured.remove()
+        self.finished = True
+        return removed
 
     # -------------------------------------------------------------------------------------------------- masks
     def importance(self, name: str) -> torch.Tensor:
@@ -228,14 +259,21 @@ class Pruner:
     @torch.no_grad()
     def measured_sparsity(self) -> float:
         """Fraction of targeted weights that are exactly zero, counted on the weights (not on the masks)."""
+        if self.finished:  # modules were rebuilt by structural removal
+            from .masks import sparsity_report
+
+            return sparsity_report(self.model, self.config.targets, self.config.exclude)["global_sparsity"]
         zeros = sum(int((m.weight == 0).sum()) for m in self.modules.values())
         return zeros / self.num_targeted
 
     def log_metrics(self) -> dict[str, float]:
-        return {
+        metrics = {
             "sparsity": round(self.measured_sparsity(), 6),
             "scheduled_sparsity": round(self.scheduled_sparsity, 6),
         }
+        if self.structured is not None:
+            metrics.update({k: round(v, 6) for k, v in self.structured.log_metrics().items()})
+        return metrics
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -245,6 +283,7 @@ class Pruner:
             "scores": {n: s.detach().clone() for n, s in self.scores.items()},
             "last_update_step": self.last_update_step,
             "scheduled_sparsity": self.scheduled_sparsity,
+            "structured": None if self.structured is None else self.structured.state_dict(),
         }
 
     @torch.no_grad()
@@ -259,6 +298,8 @@ class Pruner:
             self.scores[name].copy_(saved)
         self.last_update_step = state["last_update_step"]
         self.scheduled_sparsity = state["scheduled_sparsity"]
+        if self.structured is not None and state.get("structured") is not None:
+            self.structured.load_state_dict(state["structured"])
         self.apply_masks()
 
     def save(self, directory: str) -> str:

@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .callbacks import PruningCallback, callback_for
 from .config import PruningConfig
-from .finalize import model_card_section, save_pruning_artifacts, write_model_card_section
+from .finalize import model_card_section, pruned_structure, save_pruning_artifacts, write_model_card_section
 from .masks import sparsity_report
 from .pruner import Pruner
 
@@ -165,4 +165,5 @@ class PruningTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
             report = sparsity_report(self.model, self.pruning_config.targets, self.pruning_config.exclude)
-            write_model_card_section(self.args.output_dir, model_card_section(self.pruning_config, report))
+            section = model_card_section(self.pruning_config, report, pruned_structure(self.model))
+            write_model_card_section(self.args.output_dir, section)

@@ -1,0 +1,152 @@
+"""Head and FFN-neuron pruning during fine-tuning: score, mask gradually, remove physically at the end.
+
+While training runs, a removed head or neuron is only masked: the columns of the attention output projection (or
+MLP down projection) that carry it are held at zero, which removes its contribution exactly and keeps every
+parameter's shape, so the optimizer and checkpoints stay valid. When training ends the masked units are removed for
+real with `prune_heads` / `prune_ffn_neurons`, which gives the same outputs with smaller matrices.
+
+Importance comes for free from the training step: the gradient of a gate on a unit equals
+sum_{columns c of the unit} sum_o W[o, c] * dL/dW[o, c] of the projection that reads it, so its absolute value per
+step (first-order Taylor, Molchanov et al. 2019; Michel et al. 2019 use the same gate) is accumulated from weights
+and gradients that already exist, with no extra forward or backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import PruningConfig
+from .importance import select_heads_to_prune, select_neurons_to_prune
+from .masks import matrix_view
+from .structure import _head_group_size, _head_slots, _neuron_slots, prune_ffn_neurons, prune_heads
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    # Per-layer L2 normalisation (Michel et al.): layers differ in gradient scale, ranking across them needs it.
+    return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+class StructuredPruner:
+    """Gradual removal of `config.head_sparsity` of the attention heads and `config.neuron_sparsity` of the FFN
+    neurons of `model` (fractions of all heads / neurons, ranked across layers)."""
+
+    def __init__(self, model: nn.Module, config: PruningConfig) -> None:
+        self.model = model
+        self.config = config
+        self.head_slots = _head_slots(model) if config.head_sparsity > 0 else []
+        self.neuron_slots = _neuron_slots(model) if config.neuron_sparsity > 0 else []
+        self.group_size = _head_group_size(model) if self.head_slots else 1
+        width = max((slot.total for slot in self.head_slots), default=0)
+        self.head_scores = torch.zeros(len(self.head_slots), width)
+        self.neuron_scores = {slot.layer_idx: torch.zeros(slot.total) for slot in self.neuron_slots}
+        self.pruned_heads: dict[int, list[int]] = {}
+        self.pruned_neurons: dict[int, list[int]] = {}
+        self.column_masks: dict[nn.Module, torch.Tensor] = {}
+        self.removed = False
+
+    # ------------------------------------------------------------------------------------------------ scores
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add |gate gradient| of every live unit, read off the projection weights and their gradients."""
+        for slots, store in ((self.head_slots, None), (self.neuron_slots, self.neuron_scores)):
+            for slot in slots:
+                weight = slot.module.weight
+                if weight.grad is None:
+                    continue
+                per_column = (matrix_view(slot.module) * matrix_view(slot.module, weight.grad)).sum(dim=0).float()
+                per_unit = per_column.view(len(slot.kept), slot.unit_width).sum(dim=-1).abs().cpu()
+                row = self.head_scores[slot.layer_idx] if store is None else store[slot.layer_idx]
+                row[slot.kept] += per_unit
+
+    # ------------------------------------------------------------------------------------------------- masks
+    def prune_to(self, head_fraction: float, neuron_fraction: float) -> None:
+        """Mask the lowest-scoring units so that these fractions of all heads / neurons are gone (monotone)."""
+        if self.head_slots and head_fraction > 0:
+            self.pruned_heads = select_heads_to_prune(
+                _normalised(self.head_scores), head_fraction, already_pruned=self.pruned_heads,
+                group_size=self.group_size,
+            )
+        if self.neuron_slots and neuron_fraction > 0:
+            scores = {layer: _normalised(row) for layer, row in self.neuron_scores.items()}
+            self.pruned_neurons = select_neurons_to_prune(scores, neuron_fraction, already_pruned=self.pruned_neurons)
+        self._build_column_masks()
+        self.apply_masks()
+
+    def _build_column_masks(self) -> None:
+        self.column_masks = {}
+        for slots, pruned in ((self.head_slots, self.pruned_heads), (self.neuron_slots, self.pruned_neurons)):
+            for slot in slots:
+                gone = set(pruned.get(slot.layer_idx, ()))
+                if not gone:
+                    continue
+                units = torch.tensor([unit in gone for unit in slot.kept], dtype=torch.bool)
+                columns = units.repeat_interleave(slot.unit_width).to(slot.module.weight.device)
+                self.column_masks[slot.module] = columns
+
+    def _weight_mask(self, module: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+        # A broadcastable view: columns of the (out, in) matrix are rows of Conv1D's stored (in, out) weight.
+        return columns.view(-1, 1) if type(module).__name__ == "Conv1D" else columns.view(1, -1)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        for module, columns in self.column_masks.items():
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(self._weight_mask(module, columns), 0.0)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for module, columns in self.column_masks.items():
+            module.weight.masked_fill_(self._weight_mask(module, columns), 0.0)
+
+    @torch.no_grad()
+    def clear_optimizer_state(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        if optimizer is None:
+            return
+        for module, columns in self.column_masks.items():
+            mask = self._weight_mask(module, columns)
+            for value in optimizer.state.get(module.weight, {}).values():
+                if torch.is_tensor(value) and value.shape == module.weight.shape:
+                    value.masked_fill_(mask, 0.0)
+
+    # ----------------------------------------------------------------------------------------------- removal
+    def remove(self) -> dict[str, dict[int, list[int]]]:
+        """Physically remove every masked head and neuron; outputs stay the same. Returns what was removed."""
+        if not self.removed:
+            if self.pruned_heads:
+                prune_heads(self.model, self.pruned_heads)
+            if self.pruned_neurons:
+                prune_ffn_neurons(self.model, self.pruned_neurons)
+            self.column_masks = {}
+            self.removed = True
+        return {"heads": self.pruned_heads, "neurons": self.pruned_neurons}
+
+    def log_metrics(self) -> dict[str, float]:
+        metrics = {}
+        if self.head_slots:
+            total = sum(slot.total for slot in self.head_slots)
+            metrics["heads_pruned"] = sum(len(v) for v in self.pruned_heads.values()) / total
+        if self.neuron_slots:
+            total = sum(slot.total for slot in self.neuron_slots)
+            metrics["neurons_pruned"] = sum(len(v) for v in self.pruned_neurons.values()) / total
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "head_scores": self.head_scores.clone(),
+            "neuron_scores": {k: v.clone() for k, v in self.neuron_scores.items()},
+            "pruned_heads": self.pruned_heads,
+            "pruned_neurons": self.pruned_neurons,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head_scores.copy_(state["head_scores"])
+        for layer, row in state["neuron_scores"].items():
+            self.neuron_scores[int(layer)].copy_(row)
+        self.pruned_heads = {int(k): list(v) for k, v in state["pruned_heads"].items()}
+        self.pruned_neurons = {int(k): list(v) for k, v in state["pruned_neurons"].items()}
+        self._build_column_masks()
+        self.apply_masks()
