@@ -21,6 +21,7 @@ from .structure import (
     save_structure,
     structure_summary,
 )
+from .structured import prune_structured
 from .trainer import PruningTrainer
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "make_permanent",
     "prune_ffn_neurons",
     "prune_heads",
+    "prune_structured",
     "remove_empty_structures",
     "save_pruned",
     "save_structure",

@@ -95,10 +95,9 @@ class PruningTrainer(Trainer):
                 f"teacher_model has num_labels={teacher_labels} but the model has {student_labels}; distillation "
                 "needs the same output space."
             )
-        teacher = teacher.to(self.args.device).eval()
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        return teacher
+        # eval() for deterministic targets; requires_grad is left alone (the forward runs under no_grad), so the
+        # caller's model stays trainable if it is reused.
+        return teacher.to(self.args.device).eval()
 
     # ------------------------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):

@@ -112,3 +112,22 @@ def test_structured_options_are_validated():
         PruningConfig(head_sparsity=1.0)
     with pytest.raises(ValueError, match="neuron_sparsity"):
         PruningConfig(neuron_sparsity=-0.1)
+
+
+def test_one_shot_structured_pruning_of_a_trained_model(classification_data):
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    from hf_prune import prune_structured
+
+    model = tiny_bert()
+    loader = DataLoader(classification_data.with_format("torch"), batch_size=16, collate_fn=default_data_collator)
+    before = sum(p.numel() for p in model.parameters())
+    removed = prune_structured(model, loader, head_sparsity=0.25, neuron_sparsity=0.5, max_batches=2, progress=False)
+    summary = structure_summary(model)
+    assert sum(summary["heads_per_layer"]) == 6 and sum(summary["intermediate_sizes"]) == 64
+    assert sum(len(v) for v in removed["heads"].values()) == 2
+    assert sum(p.numel() for p in model.parameters()) < before
+    model.eval()(torch.tensor(classification_data[:2]["input_ids"]))
+    with pytest.raises(ValueError, match="head_sparsity"):
+        prune_structured(model, loader, head_sparsity=1.0)

@@ -287,13 +287,15 @@ def test_distillation_changes_the_loss_and_checks_labels(tmp_path, classificatio
         model=tiny_bert(), args=training_args(tmp_path, max_steps=2), pruning_config=PruningConfig(**CONFIG),
         teacher_model=teacher, train_dataset=classification_data,
     )
-    assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
+    assert not trainer.teacher_model.training
     batch = {k: torch.tensor(v) for k, v in classification_data[:8].items()}
     trainer.model.train()
     with_teacher = trainer.compute_loss(trainer.model, batch)
     trainer.teacher_model = None
     without = trainer.compute_loss(trainer.model, batch)
     assert not torch.isclose(with_teacher, without)
+    with_teacher.backward()
+    assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="num_labels"):
         PruningTrainer(model=tiny_bert(), args=training_args(tmp_path), teacher_model=tiny_bert(num_labels=2),
                        train_dataset=classification_data)
