@@ -131,3 +131,31 @@ def test_one_shot_structured_pruning_of_a_trained_model(classification_data):
     model.eval()(torch.tensor(classification_data[:2]["input_ids"]))
     with pytest.raises(ValueError, match="head_sparsity"):
         prune_structured(model, loader, head_sparsity=1.0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "llama"])
+def test_training_time_masks_then_removal_on_every_architecture(arch):
+    from test_structure import build_model, make_batches
+
+    model = build_model(arch)
+    batch = make_batches(arch, n=1)[0]
+    if "labels" not in batch:
+        batch["labels"] = batch["input_ids"]
+    # Llama-style grouped-query attention removes whole key/value groups: 1/3 of 6 heads is one group of 2.
+    config = PruningConfig(target_sparsity=0.5, head_sparsity=1 / 3 if arch == "llama" else 0.25,
+                           neuron_sparsity=0.25, warmup_fraction=0.0, cooldown_fraction=0.0)
+    pruner = Pruner(model, config)
+    pruner.start(total_steps=1)
+    model(**batch).loss.backward()
+    pruner.before_optimizer_step()
+    pruner.update(1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    removed = pruner.finish()
+    assert removed["heads"] and removed["neurons"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, masked, rtol=0, atol=1e-5)
+    summary = structure_summary(model)
+    assert sum(summary["heads_per_layer"]) == (8 if arch == "llama" else 6)
+    assert sum(summary["intermediate_sizes"]) == 96
