@@ -24,7 +24,7 @@ import time
 
 import torch
 from torch.nn.utils import prune
-from transformers import Trainer, TrainerCallback
+from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_prune import PruningConfig, PruningTrainer, make_permanent
 from hf_prune.job import JobArguments, JobData, score_arm, train_dense, training_arguments
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--no_baseline", action="store_true", help="skip the torch.nn.utils.prune arm")
     parser.add_argument("--max_steps", type=int, default=250)
+    parser.add_argument("--dense_path", default=None,
+                        help="reuse a dense model fine-tuned with the same job settings and the single --seeds value")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
     parser.add_argument("--workdir", default="outputs/bench_sparsity")
     args = parser.parse_args(argv)
@@ -88,7 +90,16 @@ def main(argv=None) -> int:
 
     for seed in args.seeds:
         start = time.perf_counter()
-        dense = train_dense(base_job, job_data, os.path.join(args.workdir, f"dense-{seed}"), seed)
+        if args.dense_path:
+            if len(args.seeds) != 1:
+                raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value.")
+            dense = Trainer(
+                model=AutoModelForSequenceClassification.from_pretrained(args.dense_path),
+                args=training_arguments(base_job, os.path.join(args.workdir, f"dense-{seed}"), seed),
+                compute_metrics=compute_metrics,
+            )
+        else:
+            dense = train_dense(base_job, job_data, os.path.join(args.workdir, f"dense-{seed}"), seed)
         record("dense", seed, score_arm(dense, data, baseline_config, time.perf_counter() - start))
 
         if not args.no_baseline:
