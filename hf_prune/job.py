@@ -76,7 +76,8 @@ def training_arguments(job: JobArguments, output_dir: str, seed: Optional[int] =
         output_dir=output_dir,
         max_steps=job.max_steps,
         learning_rate=job.learning_rate,
-        warmup_ratio=job.warmup_ratio,
+        # Whole steps: Transformers 5 dropped `warmup_ratio`, and 4.x takes only integers as `warmup_steps`.
+        warmup_steps=int(round(job.warmup_ratio * job.max_steps)),
         per_device_train_batch_size=job.per_device_train_batch_size,
         per_device_eval_batch_size=job.per_device_eval_batch_size,
         logging_steps=job.logging_steps,
