@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=["configs/default.yaml"], help="hf_prune job YAML files")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--no_baseline", action="store_true", help="skip the torch.nn.utils.prune arm")
+    parser.add_argument("--baseline_learning_rates", nargs="+", type=float, default=None,
+                        help="learning rates of the torch.nn.utils.prune arm (default: the dense arm's)")
     parser.add_argument("--max_steps", type=int, default=250)
     parser.add_argument("--dense_path", default=None,
                         help="reuse a dense model fine-tuned with the same job settings and the single --seeds value")
@@ -102,22 +104,23 @@ def main(argv=None) -> int:
             dense = train_dense(base_job, job_data, os.path.join(args.workdir, f"dense-{seed}"), seed)
         record("dense", seed, score_arm(dense, data, baseline_config, time.perf_counter() - start))
 
-        if not args.no_baseline:
+        for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_job.learning_rate]:
             start = time.perf_counter()
+            baseline_args = training_arguments(base_job, os.path.join(args.workdir, f"baseline-{seed}"), seed)
+            baseline_args.learning_rate = learning_rate
             trainer = Trainer(
-                model=job_data.fresh_model(seed),
-                args=training_arguments(base_job, os.path.join(args.workdir, f"baseline-{seed}"), seed),
-                train_dataset=data["train"], compute_metrics=compute_metrics,
-                callbacks=[TorchPruneBaseline(baseline_config)],
+                model=job_data.fresh_model(seed), args=baseline_args, train_dataset=data["train"],
+                compute_metrics=compute_metrics, callbacks=[TorchPruneBaseline(baseline_config)],
             )
             trainer.train()
-            record("torch_prune_baseline", seed, score_arm(trainer, data, baseline_config, time.perf_counter() - start))
+            name = f"torch_prune_baseline (lr {learning_rate:g})"
+            record(name, seed, score_arm(trainer, data, baseline_config, time.perf_counter() - start))
 
         for name, (job, config) in arms_config.items():
             start = time.perf_counter()
             trainer = PruningTrainer(
                 model=job_data.fresh_model(seed),
-                args=training_arguments(job, os.path.join(args.workdir, f"{name}-{seed}"), seed),
+                args=training_arguments(job, os.path.join(args.workdir, f"{name}-{seed}"), seed, pruned=True),
                 pruning_config=config,
                 teacher_model=dense.model if job.distill else None,
                 train_dataset=data["train"], compute_metrics=compute_metrics,
