@@ -1,6 +1,6 @@
 """hf_prune: pruning during fine-tuning for Hugging Face Transformers."""
 
-from .callbacks import MagnitudePruningCallback, MovementPruningCallback, PruningCallback
+from .callbacks import HeadPruningCallback, MagnitudePruningCallback, MovementPruningCallback, PruningCallback
 from .config import PruningConfig
 from .finalize import make_permanent, save_pruning_artifacts
 from .importance import (
@@ -27,6 +27,7 @@ from .trainer import PruningTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "HeadPruningCallback",
     "MagnitudePruningCallback",
     "MovementPruningCallback",
     "PruningCallback",

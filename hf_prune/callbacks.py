@@ -151,6 +151,23 @@ class MovementPruningCallback(PruningCallback):
         super().__init__(config if config is not None else PruningConfig(method="movement"))
 
 
+class HeadPruningCallback(PruningCallback):
+    """Attention-head (and optionally FFN-neuron) pruning during fine-tuning, removed physically at the end.
+
+    Default: half of all heads, no unstructured sparsity: `PruningConfig(target_sparsity=0.0, head_sparsity=0.5)`.
+    Set `neuron_sparsity` to shrink the FFNs too.
+    """
+
+    def __init__(self, config: Optional[PruningConfig] = None) -> None:
+        config = config if config is not None else PruningConfig(target_sparsity=0.0, head_sparsity=0.5)
+        if config.head_sparsity == 0 and config.neuron_sparsity == 0:
+            raise ValueError(
+                "HeadPruningCallback got PruningConfig.head_sparsity=0 and neuron_sparsity=0: set at least one to a "
+                "fraction in (0, 1), or use MagnitudePruningCallback for unstructured pruning only."
+            )
+        super().__init__(config)
+
+
 class _SoftMovementCallback(PruningCallback):
     # Learned scores need PruningTrainer's optimizer and loss; only the trainer builds this callback.
     methods = ("soft_movement",)

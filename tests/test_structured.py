@@ -8,7 +8,7 @@ from transformers import Trainer
 
 from conftest import random_classification_data, tiny_bert, training_args
 from hf_prune import (
-    MagnitudePruningCallback,
+    HeadPruningCallback,
     PruningConfig,
     PruningTrainer,
     load_pruned,
@@ -76,7 +76,7 @@ def test_structured_checkpoint_reloads_with_load_pruned(tmp_path, classification
 
 
 def test_structured_pruning_through_a_plain_callback(tmp_path, classification_data):
-    callback = MagnitudePruningCallback(PruningConfig(**{**STRUCTURED, "neuron_sparsity": 0.0}))
+    callback = HeadPruningCallback(PruningConfig(**{**STRUCTURED, "neuron_sparsity": 0.0}))
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=classification_data,
                       callbacks=[callback])
     trainer.train()
@@ -108,6 +108,8 @@ def test_structured_resume_ends_with_the_same_heads(tmp_path, classification_dat
 
 
 def test_structured_options_are_validated():
+    with pytest.raises(ValueError, match="head_sparsity=0"):
+        HeadPruningCallback(PruningConfig(target_sparsity=0.5))
     with pytest.raises(ValueError, match="head_sparsity"):
         PruningConfig(head_sparsity=1.0)
     with pytest.raises(ValueError, match="neuron_sparsity"):
