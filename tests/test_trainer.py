@@ -211,8 +211,10 @@ def test_save_model_reloads_without_hf_prune(tmp_path, classification_data):
     saved_state = model.state_dict()
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, saved_state[key]), key
+    # The exact check is the state dict above. Logits get a float tolerance: after a bf16-autocast Trainer run in the
+    # same process, CPU kernels were seen to differ by ~6e-5 between two objects with identical weights.
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, rtol=0, atol=1e-4)
     assert sparsity_report(reloaded)["global_sparsity"] == pytest.approx(0.75, abs=1e-3)
     assert not any("mask" in k or "orig" in k for k in reloaded.state_dict())
 
@@ -278,7 +280,7 @@ def test_movement_scores_match_an_unaccumulated_batch(tmp_path, classification_d
     whole = _movement_run(tmp_path, classification_data, accumulation=1, batch=8).pruner.scores
     accumulated = _movement_run(tmp_path, classification_data, accumulation=2, batch=4).pruner.scores
     for name, score in whole.items():
-        torch.testing.assert_close(accumulated[name], score, rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(accumulated[name], score, rtol=1e-3, atol=1e-6)
 
 
 def test_distillation_changes_the_loss_and_checks_labels(tmp_path, classification_data):
