@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from conftest import random_classification_data, tiny_bert, training_args
+from conftest import tiny_bert, training_args
 from hf_prune import (
     HeadPruningCallback,
     PruningConfig,

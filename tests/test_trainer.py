@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
-from conftest import random_classification_data, tiny_bert, training_args
+from conftest import tiny_bert, training_args
 from hf_prune import (
     MagnitudePruningCallback,
     MovementPruningCallback,
