@@ -8,6 +8,7 @@ not after an hour of training.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
@@ -271,8 +272,6 @@ class PruningConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str) -> str:
-        import os
-
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         with open(path, "w", encoding="utf-8") as handle:
@@ -281,6 +280,4 @@ class PruningConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PruningConfig":
-        import os
-
         return cls.from_json(os.path.join(directory, CONFIG_NAME))

@@ -14,6 +14,7 @@ otherwise move them again, and under any autocast dtype, since the fp32 master w
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ from .masks import (
     check_pattern_fits,
     expand_units,
     find_target_modules,
+    is_prunable_module,
     matrix_view,
     select_lowest,
     unit_scores,
@@ -315,14 +317,10 @@ class Pruner:
 
 
 def _search(pattern: str, name: str) -> bool:
-    import re
-
     return re.search(pattern, name) is not None
 
 
 def _example_names(model: nn.Module) -> list[str]:
-    from .masks import is_prunable_module
-
     return [n for n, m in model.named_modules() if is_prunable_module(m)][:6]
 
 

@@ -70,9 +70,14 @@ def test_structured_checkpoint_reloads_with_load_pruned(tmp_path, classification
     assert "load_pruned" in (out / "README.md").read_text()
     reloaded = load_pruned(str(out)).eval()
     model = trainer.model.eval()
+    saved_state = model.state_dict()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, saved_state[key]), key
+    # Exactness is the state-dict check; logits get a float tolerance because CPU kernels were seen to differ by
+    # ~2e-4 between objects with identical weights after a bf16-autocast Trainer run in the same process.
     batch = torch.tensor(classification_data[:4]["input_ids"])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, rtol=0, atol=1e-3)
 
 
 def test_structured_pruning_through_a_plain_callback(tmp_path, classification_data):
