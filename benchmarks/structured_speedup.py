@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, default_data_collator
 
-from hf_prune import PruningConfig, PruningTrainer, prune_structured, structure_summary
+from hf_prune import PruningConfig, PruningTrainer, prune_structured, save_pruned, structure_summary
 from hf_prune.job import JobArguments, JobData, train_dense, training_arguments
 from hf_prune.metrics import compute_metrics
 
@@ -59,14 +59,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense_path", default=None, help="fine-tuned dense model; default: fine-tune one first")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--neuron_fractions", nargs="+", type=float, default=None,
+                        help="FFN-neuron fraction per arm (default: the same as --fractions, which sets heads)")
     parser.add_argument("--recovery_steps", type=int, default=100)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the recovery")
     parser.add_argument("--calibration_batches", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "structured_speedup"))
     parser.add_argument("--workdir", default="outputs/bench_structured")
+    parser.add_argument("--save_models", action="store_true",
+                        help="save each pruned arm with save_pruned to WORKDIR/recover-HEADS-NEURONS/model (for `hf-prune benchmark`)")
     args = parser.parse_args(argv)
 
-    job = JobArguments(output_dir=args.workdir, max_steps=args.recovery_steps, logging_steps=50)
+    job = JobArguments(output_dir=args.workdir, max_steps=args.recovery_steps, logging_steps=50,
+                       learning_rate=args.learning_rate)
+    neuron_fractions = args.neuron_fractions or args.fractions
+    if len(neuron_fractions) != len(args.fractions):
+        parser.error("--neuron_fractions needs one value per --fractions value")
     job_data = JobData(job)
     data = job_data.data
     if args.dense_path:
@@ -82,31 +91,35 @@ def main(argv=None) -> int:
     }
 
     rows = []
-    for fraction in args.fractions:
+    for fraction, neuron_fraction in zip(args.fractions, neuron_fractions):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        if fraction > 0:
-            prune_structured(model, calibration, head_sparsity=fraction, neuron_sparsity=fraction,
+        if fraction > 0 or neuron_fraction > 0:
+            prune_structured(model, calibration, head_sparsity=fraction, neuron_sparsity=neuron_fraction,
                              max_batches=args.calibration_batches, progress=False)
         trainer = PruningTrainer(
             model=model,
-            args=training_arguments(job, os.path.join(args.workdir, f"recover-{fraction}")),
+            args=training_arguments(job, os.path.join(args.workdir, f"recover-{fraction}-{neuron_fraction}")),
             pruning_config=PruningConfig(target_sparsity=0.0, distillation_alpha=0.9),
             teacher_model=dense,
             train_dataset=data["train"],
             compute_metrics=compute_metrics,
         )
-        if fraction > 0 and args.recovery_steps > 0:
+        if (fraction > 0 or neuron_fraction > 0) and args.recovery_steps > 0:
             trainer.train()
         prune_seconds = time.perf_counter() - start
+        if args.save_models:
+            save_pruned(model, os.path.join(args.workdir, f"recover-{fraction}-{neuron_fraction}", "model"))
+            job_data.tokenizer.save_pretrained(os.path.join(args.workdir, f"recover-{fraction}-{neuron_fraction}", "model"))
         metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
         row = {
             "fraction_removed": fraction,
+            "neuron_fraction_removed": neuron_fraction,
             "params": sum(p.numel() for p in model.parameters()),
             "flops_per_example": encoder_flops(model, 64),
             "accuracy": metrics["test_accuracy"],
             "macro_f1": metrics["test_macro_f1"],
-            "prune_and_recover_seconds": prune_seconds if fraction > 0 else 0.0,
+            "prune_and_recover_seconds": prune_seconds if (fraction > 0 or neuron_fraction > 0) else 0.0,
             "heads_per_layer": structure_summary(model)["heads_per_layer"],
             "intermediate_sizes": structure_summary(model)["intermediate_sizes"],
         }
@@ -130,13 +143,13 @@ def main(argv=None) -> int:
         f"{args.recovery_steps} recovery steps distilled from the dense model. PyTorch eager, seq 64, "
         f"{torch.get_num_threads()} threads, median of {args.repeats}.",
         "",
-        "| removed | params | GFLOPs/ex | FLOP limit | accuracy | macro-F1 | b1 ms | b1 speedup | b32 ms | b32 speedup "
+        "| heads / neurons removed | params | GFLOPs/ex | FLOP limit | accuracy | macro-F1 | b1 ms | b1 speedup | b32 ms | b32 speedup "
         "| b32 of limit | prune+recover s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['fraction_removed']:.0%} | {r['params'] / 1e6:.2f}M | {r['flops_per_example'] / 1e9:.2f} | "
+            f"| {r['fraction_removed']:.0%} / {r['neuron_fraction_removed']:.0%} | {r['params'] / 1e6:.2f}M | {r['flops_per_example'] / 1e9:.2f} | "
             f"{r['flop_ratio_limit']:.2f}x | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['pytorch_ms_b1']:.1f} | "
             f"{r['speedup_b1']:.2f}x | {r['pytorch_ms_b32']:.1f} | {r['speedup_b32']:.2f}x | "
             f"{r['speedup_b32_of_limit']:.2f} | {r['prune_and_recover_seconds']:.0f} |"

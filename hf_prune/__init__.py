@@ -2,6 +2,7 @@
 
 from .callbacks import HeadPruningCallback, MagnitudePruningCallback, MovementPruningCallback, PruningCallback
 from .config import PruningConfig
+from .export import ExportError, ExportResult, ExportVerificationError, export_onnx
 from .finalize import make_permanent, save_pruning_artifacts
 from .importance import (
     compute_head_importance,
@@ -11,6 +12,7 @@ from .importance import (
 )
 from .masks import sparsity_report
 from .pruner import Pruner
+from .runtime import create_session
 from .schedules import SparsitySchedule
 from .structure import (
     load_pruned,
@@ -27,6 +29,9 @@ from .trainer import PruningTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExportError",
+    "ExportResult",
+    "ExportVerificationError",
     "HeadPruningCallback",
     "MagnitudePruningCallback",
     "MovementPruningCallback",
@@ -37,6 +42,8 @@ __all__ = [
     "SparsitySchedule",
     "compute_head_importance",
     "compute_neuron_importance",
+    "create_session",
+    "export_onnx",
     "load_pruned",
     "make_permanent",
     "prune_ffn_neurons",

@@ -1,6 +1,8 @@
 """`hf-prune` command line: parses, then calls the modules that do the work.
 
     hf-prune train --config configs/default.yaml --target_sparsity 0.8 --max_steps 100
+    hf-prune export outputs/default/pruned outputs/default/onnx --quantize dynamic
+    hf-prune benchmark outputs/default/dense outputs/default/pruned
 
 A config file is a flat YAML mapping of `JobArguments` and `PruningConfig` fields; every field can also be given
 (or overridden) on the command line.
@@ -69,9 +71,114 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    from .export import OPTIMIZATION_LEVELS, QUANTIZATION_MODES, SPARSE_INITIALIZER_MODES
+
+    parser = argparse.ArgumentParser(
+        prog="hf-prune export",
+        description="Export a (pruned) checkpoint to ONNX through Optimum, verified against PyTorch, optimised and "
+        "optionally quantized to INT8. The output directory is written atomically.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (save_model / save_pruned / save_pretrained output)")
+    parser.add_argument("output_dir", help="export folder (replaced only if it holds an earlier hf_prune export)")
+    parser.add_argument("--task", default=None, help="Optimum task, e.g. text-classification (default: inferred)")
+    parser.add_argument("--optimize", default="O2", choices=[*OPTIMIZATION_LEVELS, "none"],
+                        help="ORTOptimizer level (default O2; falls back to a lower level if a graph is wrong)")
+    parser.add_argument("--quantize", default=None, choices=[*QUANTIZATION_MODES, "none"],
+                        help="add a dynamic INT8 graph")
+    parser.add_argument("--no_verify", action="store_true", help="skip the ONNX Runtime vs PyTorch comparison")
+    parser.add_argument("--remove_structures", action="store_true",
+                        help="physically remove all-zero attention heads and FFN neurons before exporting")
+    parser.add_argument("--sparse_initializers", default="auto", choices=list(SPARSE_INITIALIZER_MODES),
+                        help="store mostly-zero weights sparsely when the file gets smaller (size only, no speedup)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff allowed for fp32 graphs")
+    parser.add_argument("--quantized_tolerance", type=float, default=0.5, help="max abs diff allowed for INT8, as a fraction of the largest |output| (at least 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir that is not an export")
+    return parser
+
+
+def _export(argv: Sequence[str]) -> int:
+    from .export import ExportError, export_onnx
+
+    args = _export_parser().parse_args(list(argv))
+    try:
+        result = export_onnx(
+            args.checkpoint,
+            args.output_dir,
+            task=args.task,
+            optimize=None if args.optimize == "none" else args.optimize,
+            quantize=None if args.quantize in (None, "none") else args.quantize,
+            verify=not args.no_verify,
+            remove_structures=args.remove_structures,
+            sparse_initializers=args.sparse_initializers,
+            tolerance=args.tolerance,
+            quantized_tolerance=args.quantized_tolerance,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, ExportError) as err:
+        raise SystemExit(f"hf-prune export: {err}") from None
+    print(f"Exported {args.checkpoint} -> {result.output_dir} (task {result.task})")
+    for variant, name in result.files.items():
+        diff = result.max_abs_diff.get(variant)
+        checked = f", max |ORT - PyTorch| {diff:.2e}" if diff is not None else ""
+        print(f"  {variant:<9} {name:<22} {result.sizes_bytes[variant] / 1e6:8.2f} MB{checked}")
+    if result.optimization:
+        print(f"  graph optimisation: requested {result.optimization['requested']}, applied "
+              f"{result.optimization['applied']}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _benchmark(argv: Sequence[str]) -> int:
+    from .benchmark import BenchmarkArguments, format_markdown, run_benchmark
+
+    defaults = BenchmarkArguments.__dataclass_fields__
+    parser = argparse.ArgumentParser(
+        prog="hf-prune benchmark",
+        description="Latency (p50/p90), throughput, size and accuracy of checkpoints in PyTorch and ONNX Runtime "
+        "(fp32 and INT8), side by side in one run. The first checkpoint is the baseline. Writes benchmark.json, "
+        "benchmark.md and benchmark.png.",
+    )
+    parser.add_argument("checkpoints", nargs="+", help=defaults["checkpoints"].metadata["help"])
+    parser.add_argument("--names", nargs="+", default=None, help=defaults["names"].metadata["help"])
+    parser.add_argument("--output_dir", default="outputs/benchmark", help=defaults["output_dir"].metadata["help"])
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--seq_len", type=int, default=64, help=defaults["seq_len"].metadata["help"])
+    parser.add_argument("--rounds", type=int, default=5, help=defaults["rounds"].metadata["help"])
+    parser.add_argument("--repeats", type=int, default=6, help=defaults["repeats"].metadata["help"])
+    parser.add_argument("--eval_size", type=int, default=2000, help=defaults["eval_size"].metadata["help"])
+    parser.add_argument("--no_int8", action="store_true", help="skip the INT8 ONNX Runtime arms")
+    parser.add_argument("--runtimes", nargs="+", default=["pytorch", "onnxruntime"])
+    parser.add_argument("--threads", type=int, default=None, help=defaults["threads"].metadata["help"])
+    parser.add_argument("--optimize", default="O2", help=defaults["optimize"].metadata["help"])
+    args = parser.parse_args(list(argv))
+    try:
+        bench_args = BenchmarkArguments(
+            checkpoints=args.checkpoints, names=args.names, output_dir=args.output_dir, batch_sizes=args.batch_sizes,
+            seq_len=args.seq_len, rounds=args.rounds, repeats=args.repeats, eval_size=args.eval_size,
+            int8=not args.no_int8, runtimes=args.runtimes, threads=args.threads,
+            optimize=None if args.optimize == "none" else args.optimize,
+        )
+        if "onnxruntime" in bench_args.runtimes:
+            from .export import require_onnx
+
+            require_onnx()
+        results = run_benchmark(bench_args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"hf-prune benchmark: {err}") from None
+    print(format_markdown(results))
+    print(f"Results: {args.output_dir}/benchmark.json, benchmark.md, benchmark.png")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": (_train, "fine-tune a dense and a pruned model side by side and compare them")}
+    commands = {
+        "train": (_train, "fine-tune a dense and a pruned model side by side and compare them"),
+        "export": (_export, "export a checkpoint to ONNX (verified, optimised, optional INT8)"),
+        "benchmark": (_benchmark, "latency, size and accuracy of checkpoints in PyTorch and ONNX Runtime"),
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         lines = ["usage: hf-prune COMMAND [options]", "", "commands:"]
         lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in commands.items()]
