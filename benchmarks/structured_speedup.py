@@ -63,6 +63,7 @@ def main(argv=None) -> int:
                         help="FFN-neuron fraction per arm (default: the same as --fractions, which sets heads)")
     parser.add_argument("--recovery_steps", type=int, default=100)
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the recovery")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the recovery fine-tune (data order, dropout); the calibration batches stay fixed")
     parser.add_argument("--calibration_batches", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "structured_speedup"))
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     job = JobArguments(output_dir=args.workdir, max_steps=args.recovery_steps, logging_steps=50,
-                       learning_rate=args.learning_rate)
+                       learning_rate=args.learning_rate, seed=args.seed)
     neuron_fractions = args.neuron_fractions or args.fractions
     if len(neuron_fractions) != len(args.fractions):
         parser.error("--neuron_fractions needs one value per --fractions value")

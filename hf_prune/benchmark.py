@@ -13,6 +13,7 @@ arm at best; scattered zeros do not change it, since no CPU kernel skips them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import statistics
@@ -111,7 +112,8 @@ class _Arm:
 
 
 def _pytorch_runner(model: nn.Module) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    names = set(model.forward.__code__.co_varnames)
+    # inspect follows __wrapped__ through Transformers' forward decorators; __code__ would see only the wrapper.
+    names = set(inspect.signature(model.forward).parameters)
 
     @torch.inference_mode()
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -24,6 +24,7 @@ check passed, so a failed export never leaves a directory that looks valid, and 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -73,13 +74,10 @@ class ExportVerificationError(ExportError):
 
 def is_onnx_available() -> bool:
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import optimum.exporters.onnx  # noqa: F401
-        import optimum.onnxruntime  # noqa: F401
-    except ImportError:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("onnx", "onnxruntime", "optimum.exporters.onnx", "optimum.onnxruntime"))
+    except ModuleNotFoundError:  # `optimum` itself missing
         return False
-    return True
 
 
 def require_onnx() -> None:
@@ -153,6 +151,9 @@ def _staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
             )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export should read like any saved model
     try:
         yield staging
     except BaseException:
@@ -212,8 +213,9 @@ def _prepare_model(
 
 
 def _resolve_task(model: nn.Module, task: Optional[str], summary: dict, notes: list) -> str:
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with TasksManager)
     from optimum.exporters.tasks import TasksManager
+
+    importlib.import_module("optimum.exporters.onnx.model_configs")  # registers the ONNX configs with TasksManager
 
     inferred = task is None
     if task is None:

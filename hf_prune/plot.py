@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Optional
 
 from transformers.utils import logging
@@ -12,11 +13,7 @@ _MARKERS = {("pytorch", "fp32"): "o", ("onnxruntime", "fp32"): "s", ("onnxruntim
 
 
 def is_matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_accuracy_latency(results: dict[str, Any], path: str) -> Optional[str]:
@@ -38,21 +35,25 @@ def plot_accuracy_latency(results: dict[str, Any], path: str) -> Optional[str]:
     batch = max(results["settings"]["batch_sizes"])
     names = list(dict.fromkeys(r["name"] for r in rows))
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    figure, axes = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     for r in rows:
         key = (r["runtime"], r["precision"])
-        axes.scatter(r[f"p50_ms_b{batch}"], r["accuracy"] * 100, marker=_MARKERS.get(key, "x"), s=60,
+        axes.scatter(r[f"p50_ms_b{batch}"], r["accuracy"] * 100, marker=_MARKERS.get(key, "x"), s=70,
                      color=colors[r["name"]], edgecolors="black", linewidths=0.5)
-        axes.annotate(f"{r['name']}\n{r['runtime']} {r['precision']}", (r[f"p50_ms_b{batch}"], r["accuracy"] * 100),
-                      textcoords="offset points", xytext=(5, 4), fontsize=6)
-    for key, marker in _MARKERS.items():
-        axes.scatter([], [], marker=marker, color="grey", label=f"{key[0]} {key[1]}")
+    # Two legends instead of point labels, which collide when arms sit close together: colour = checkpoint,
+    # marker = runtime and precision.
+    checkpoints = [axes.scatter([], [], marker="o", color=colors[name], label=name) for name in names]
+    first = axes.legend(handles=checkpoints, title="checkpoint", fontsize=7, title_fontsize=7,
+                        loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes.add_artist(first)
+    runtimes = [axes.scatter([], [], marker=m, color="grey", label=f"{k[0]} {k[1]}") for k, m in _MARKERS.items()]
+    axes.legend(handles=runtimes, title="runtime", fontsize=7, title_fontsize=7, loc="lower left",
+                bbox_to_anchor=(1.01, 0.0))
     axes.set_xscale("log")
     axes.set_xlabel(f"p50 latency at batch {batch} (ms, log scale)")
     axes.set_ylabel("accuracy (%)")
     axes.set_title("Accuracy vs latency (up and left is better)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

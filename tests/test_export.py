@@ -2,7 +2,6 @@
 ORTOptimizer, ORTQuantizer and ONNX Runtime sessions, on tiny models with pruned heads and per-layer FFN sizes."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from hf_prune import (  # noqa: E402
     prune_ffn_neurons,
     prune_heads,
     save_pruned,
-    structure_summary,
 )
 from hf_prune.cli import main  # noqa: E402
 from hf_prune.export import write_sparse_initializers  # noqa: E402
