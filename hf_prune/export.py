@@ -111,8 +111,13 @@ class ExportResult:
 
     @property
     def best_file(self) -> str:
-        """The file `create_session` serves by default: INT8 if made, else the optimised graph, else the plain one."""
-        for variant in ("int8", "optimized", "fp32"):
+        """The file `create_session` serves by default: INT8 if made, else the plain fp32 graph.
+
+        ONNX Runtime applies its own CPU fusions to the plain graph at load. On the pruned MiniLM that ran faster
+        than ORTOptimizer's O2 graph (80 against 98 ms at batch 32 with 70% of heads and neurons removed; equal on
+        the dense model), whose contrib kernels suit uniform shapes. The O2 graph stays one `variant=` away.
+        """
+        for variant in ("int8", "fp32", "optimized"):
             if variant in self.files:
                 return self.files[variant]
         raise ExportError("the export produced no ONNX file")

@@ -9,7 +9,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-_MARKERS = {("pytorch", "fp32"): "o", ("onnxruntime", "fp32"): "s", ("onnxruntime", "int8"): "^"}
+_MARKERS = {("pytorch", "fp32"): "o", ("onnxruntime", "fp32"): "s", ("onnxruntime", "fp32 O2"): "D",
+            ("onnxruntime", "int8"): "^"}
 
 
 def is_matplotlib_available() -> bool:

@@ -2,7 +2,7 @@
 
     from transformers import AutoTokenizer, pipeline
     from hf_prune import create_session
-    model = create_session("outputs/onnx")            # an Optimum ORTModel: INT8 if exported, else the optimised graph
+    model = create_session("outputs/onnx")            # an Optimum ORTModel: INT8 if exported, else the fp32 graph
     classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("outputs/onnx"))
 
 What sparsity buys at run time is decided at export: removed heads and neurons make every MatMul smaller (a dense
@@ -99,7 +99,8 @@ def create_session(
 
     Args:
         onnx_dir: a directory written by `export_onnx` (it reads `hf_prune_export.json` for the task and files).
-        variant: "int8", "optimized" or "fp32"; default the best one exported (INT8, else optimised, else plain).
+        variant: "int8", "fp32" or "optimized"; default INT8 if exported, else the plain fp32 graph (see
+            `ExportResult.best_file`).
         file_name: an explicit `.onnx` file in `onnx_dir` instead of `variant`.
         threads, graph_optimization_level: see `session_options`.
         provider: the ONNX Runtime execution provider.
