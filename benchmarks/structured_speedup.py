@@ -63,6 +63,8 @@ def main(argv=None) -> int:
                         help="FFN-neuron fraction per arm (default: the same as --fractions, which sets heads)")
     parser.add_argument("--recovery_steps", type=int, default=100)
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the recovery")
+    parser.add_argument("--hidden_distillation_weight", type=float, default=0.0,
+                        help="weight of the hidden-state MSE distillation term during recovery")
     parser.add_argument("--seed", type=int, default=42, help="seed of the recovery fine-tune (data order, dropout); the calibration batches stay fixed")
     parser.add_argument("--calibration_batches", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
         trainer = PruningTrainer(
             model=model,
             args=training_arguments(job, os.path.join(args.workdir, f"recover-{fraction}-{neuron_fraction}")),
-            pruning_config=PruningConfig(target_sparsity=0.0, distillation_alpha=0.9),
+            pruning_config=PruningConfig(target_sparsity=0.0, distillation_alpha=0.9,
+                                         distillation_hidden_weight=args.hidden_distillation_weight),
             teacher_model=dense,
             train_dataset=data["train"],
             compute_metrics=compute_metrics,
