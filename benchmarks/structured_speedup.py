@@ -24,22 +24,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, default_data_collator
 
 from hf_prune import PruningConfig, PruningTrainer, prune_structured, save_pruned, structure_summary
+from hf_prune.benchmark import encoder_flops
 from hf_prune.job import JobArguments, JobData, train_dense, training_arguments
 from hf_prune.metrics import compute_metrics
-
-
-def encoder_flops(model: torch.nn.Module, seq_len: int) -> int:
-    """Multiply-accumulate x2 per example for the transformer layers (embeddings and head are negligible)."""
-    summary = structure_summary(model)
-    hidden = model.config.hidden_size
-    head_dim = hidden // model.config.num_attention_heads
-    total = 0
-    for heads, inter in zip(summary["heads_per_layer"], summary["intermediate_sizes"]):
-        width = heads * head_dim
-        per_token = 2 * (3 * hidden * width + width * hidden) + 2 * 2 * hidden * inter
-        attention = 2 * 2 * seq_len * seq_len * width  # scores and weighted sum
-        total += per_token * seq_len + attention
-    return total
 
 
 @torch.no_grad()
