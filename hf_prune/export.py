@@ -561,11 +561,11 @@ def export_onnx(
             # cannot see through the contrib ops (Attention, SkipLayerNormalization) of the fused graph. ONNX Runtime
             # applies its own CPU fusions to the quantized graph when it loads it.
             source = staging / ONNX_FILE
-            produced = _quantize(staging, source, quantization_config or default_quantization_config())
-            os.replace(produced, staging / QUANTIZED_FILE)
+            quantization_config = quantization_config or default_quantization_config()
+            os.replace(_quantize(staging, source, quantization_config), staging / QUANTIZED_FILE)
             result.files["int8"] = QUANTIZED_FILE
             result.quantization = {"mode": quantize, "source": source.name,
-                                   "config": _describe_quantization(quantization_config or default_quantization_config())}
+                                   "config": _describe_quantization(quantization_config)}
             if not check("int8", staging / QUANTIZED_FILE, quantized_tolerance):
                 raise ExportVerificationError(
                     f"the INT8 graph differs from PyTorch by {result.max_abs_diff['int8']:.3g}, more than "
