@@ -27,7 +27,7 @@ from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_prune import PruningConfig, PruningTrainer, make_permanent
-from hf_prune.job import JobData, score_arm, train_dense, training_arguments
+from hf_prune.recipes.job import JobData, score_arm, train_dense, training_arguments
 from hf_prune.masks import find_target_modules
 from hf_prune.metrics import compute_metrics
 from hf_prune.schedules import SparsitySchedule

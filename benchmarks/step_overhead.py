@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.data import load_sentiment_splits, packaged_model_path, tokenize_splits
+from hf_prune.recipes.packaged import load_sentiment_splits, packaged_model_path, tokenize_splits
 
 
 def run_arm(arm: str, data, model_path: str, steps: int, interval: int, batch: int) -> float:

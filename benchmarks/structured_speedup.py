@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, default_data_collat
 
 from hf_prune import PruningConfig, PruningTrainer, prune_structured, save_pruned, structure_summary
 from hf_prune.benchmark import encoder_flops
-from hf_prune.job import JobArguments, JobData, train_dense, training_arguments
+from hf_prune.recipes.job import JobArguments, JobData, train_dense, training_arguments
 from hf_prune.metrics import compute_metrics
 
 

@@ -4,13 +4,8 @@ from .callbacks import HeadPruningCallback, MagnitudePruningCallback, MovementPr
 from .config import PruningConfig
 from .export import ExportError, ExportResult, ExportVerificationError, export_onnx
 from .finalize import make_permanent, save_pruning_artifacts
-from .importance import (
-    compute_head_importance,
-    compute_neuron_importance,
-    select_heads_to_prune,
-    select_neurons_to_prune,
-)
 from .masks import sparsity_report
+from .methods import PruningMethod, available_methods, register_method
 from .pruner import Pruner
 from .runtime import create_session
 from .schedules import SparsitySchedule
@@ -23,10 +18,17 @@ from .structure import (
     save_structure,
     structure_summary,
 )
-from .structured import prune_structured
 from .trainer import PruningTrainer
-
-__version__ = "0.1.0"
+from .units import (
+    available_unit_criteria,
+    compute_head_importance,
+    compute_neuron_importance,
+    prune_structured,
+    register_unit_criterion,
+    select_heads_to_prune,
+    select_neurons_to_prune,
+)
+from .version import __version__
 
 __all__ = [
     "ExportError",
@@ -37,9 +39,13 @@ __all__ = [
     "MovementPruningCallback",
     "PruningCallback",
     "PruningConfig",
+    "PruningMethod",
     "PruningTrainer",
     "Pruner",
     "SparsitySchedule",
+    "__version__",
+    "available_methods",
+    "available_unit_criteria",
     "compute_head_importance",
     "compute_neuron_importance",
     "create_session",
@@ -49,6 +55,8 @@ __all__ = [
     "prune_ffn_neurons",
     "prune_heads",
     "prune_structured",
+    "register_method",
+    "register_unit_criterion",
     "remove_empty_structures",
     "save_pruned",
     "save_structure",

@@ -10,6 +10,16 @@ are ratios to the first checkpoint (the baseline, usually dense) measured in the
 PyTorch arms against the baseline in PyTorch, ONNX Runtime arms against the baseline's plain fp32 ONNX Runtime graph.
 The FLOP-ratio limit (baseline FLOPs / arm FLOPs, from the layer shapes) says how much faster removal can make an
 arm at best; scattered zeros do not change it, since no CPU kernel skips them.
+
+Accuracy and macro-F1 are scored on any labelled data: a `datasets.Dataset` given to `run_benchmark`, or a
+CSV / JSON / JSON Lines / Parquet file (`BenchmarkArguments.eval_file`), with one text column (or two, for sentence
+pairs) and a label column. Labels are class ids of the baseline checkpoint (`config.num_labels` classes), or label
+names that its `config.label2id` maps to ids. The timed batches are the first rows of the same data.
+
+    from hf_prune.benchmark import BenchmarkArguments, run_benchmark
+
+    args = BenchmarkArguments(checkpoints=["dense", "pruned"], eval_file="sst2_validation.csv", eval_size=872)
+    results = run_benchmark(args)   # or run_benchmark(args, eval_dataset=my_dataset["validation"])
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .files import atomic_write_text
 from .masks import sparsity_report
 from .metrics import classification_metrics
 from .structure import load_pruned, structure_summary
@@ -36,6 +48,11 @@ from .structure import load_pruned, structure_summary
 logger = logging.get_logger(__name__)
 
 RUNTIMES = ("pytorch", "onnxruntime")
+# File suffix -> `datasets.load_dataset` builder (and its extra arguments).
+EVAL_FILE_TYPES = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
+                   ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
+# Text columns tried, in order, when `text_columns` is not given.
+DEFAULT_TEXT_COLUMNS = (("text",), ("sentence",), ("sentence1", "sentence2"))
 
 
 @dataclass
@@ -49,7 +66,25 @@ class BenchmarkArguments:
     seq_len: int = field(default=64, metadata={"help": "Tokens per example (padded), as in training."})
     rounds: int = field(default=5, metadata={"help": "Interleaved rounds over all arms."})
     repeats: int = field(default=6, metadata={"help": "Timed calls per arm, batch size and round."})
-    eval_size: int = field(default=2000, metadata={"help": "Test examples scored for accuracy (0: skip accuracy)."})
+    eval_size: int = field(
+        default=2000,
+        metadata={"help": "Examples scored for accuracy: the first eval_size rows of the eval data, or all of them if "
+                  "there are fewer (0: skip accuracy)."},
+    )
+    eval_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Labelled eval data: a .csv, .tsv, .json, .jsonl or .parquet file, loaded with "
+                  "datasets.load_dataset (default: none; pass eval_dataset to run_benchmark instead)."},
+    )
+    text_columns: Optional[list] = field(
+        default=None,
+        metadata={"help": "Text column, or two for sentence pairs (default: `text`, `sentence` or "
+                  "`sentence1 sentence2`, the first the data has)."},
+    )
+    label_column: str = field(
+        default="label",
+        metadata={"help": "Label column: class ids, or label names in the baseline's config.label2id."},
+    )
     int8: bool = field(default=True, metadata={"help": "Add a dynamic-INT8 ONNX Runtime arm per checkpoint."})
     runtimes: list = field(default_factory=lambda: list(RUNTIMES), metadata={"help": "pytorch and/or onnxruntime."})
     threads: Optional[int] = field(default=None, metadata={"help": "Threads for both runtimes (default: all cores)."})
@@ -75,6 +110,19 @@ class BenchmarkArguments:
             raise ValueError(f"eval_size={self.eval_size!r} must be >= 0.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be a positive integer.")
+        if self.eval_file is not None:
+            if Path(self.eval_file).suffix.lower() not in EVAL_FILE_TYPES:
+                raise ValueError(f"eval_file={self.eval_file!r} is not a {'/'.join(EVAL_FILE_TYPES)} file.")
+            if not os.path.isfile(self.eval_file):
+                raise ValueError(f"eval_file={self.eval_file!r} does not exist.")
+        if isinstance(self.text_columns, str):
+            self.text_columns = self.text_columns.split(",")
+        if self.text_columns is not None:
+            self.text_columns = [c.strip() for c in self.text_columns]
+            if len(self.text_columns) not in (1, 2) or not all(self.text_columns):
+                raise ValueError(f"text_columns={self.text_columns!r} must name one column, or two for sentence pairs.")
+        if not self.label_column:
+            raise ValueError("label_column is empty: name the column that holds the labels.")
 
 
 def encoder_flops(model: nn.Module, seq_len: int) -> int:
@@ -142,31 +190,104 @@ def _safetensors_bytes(directory: str) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
-def _eval_data(tokenizer: Any, args: BenchmarkArguments) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    from .data import load_sentiment_splits
+def load_eval_file(path: str) -> datasets.Dataset:
+    """A .csv, .tsv, .json, .jsonl or .parquet file as one `datasets.Dataset` (through `datasets.load_dataset`)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in EVAL_FILE_TYPES:
+        raise ValueError(f"eval_file {path!r} is not a {'/'.join(EVAL_FILE_TYPES)} file.")
+    builder, kwargs = EVAL_FILE_TYPES[suffix]
+    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
 
-    size = max(args.eval_size, max(args.batch_sizes))
-    test = load_sentiment_splits(test_size=max(size, 2000))["test"].select(range(size))
-    encoded = tokenizer(list(test["text"]), padding="max_length", truncation=True, max_length=args.seq_len,
+
+def _text_columns(dataset: datasets.Dataset, text_columns: Optional[Sequence[str]]) -> list[str]:
+    columns = list(dataset.column_names)
+    if text_columns is None:
+        for candidate in DEFAULT_TEXT_COLUMNS:
+            if set(candidate) <= set(columns):
+                return list(candidate)
+        raise ValueError(f"The eval data has no `text`, `sentence` or `sentence1`/`sentence2` column (it has "
+                         f"{columns}); name the text column(s) with text_columns (--text_columns).")
+    missing = [c for c in text_columns if c not in columns]
+    if missing:
+        raise ValueError(f"text_columns {missing} not in the eval data; its columns are {columns}.")
+    return list(text_columns)
+
+
+def label_ids(dataset: datasets.Dataset, label_column: str, config: Any) -> np.ndarray:
+    """Class ids of the baseline model for the labels in `label_column` (ids, or names in `config.label2id`)."""
+    if label_column not in dataset.column_names:
+        raise ValueError(f"label_column {label_column!r} not in the eval data; its columns are "
+                         f"{list(dataset.column_names)}.")
+    num_labels = config.num_labels
+    label2id = dict(getattr(config, "label2id", None) or {})
+    feature = dataset.features[label_column]
+    values = list(dataset[label_column])
+    if isinstance(feature, datasets.ClassLabel) and feature.names and set(feature.names) <= set(label2id):
+        # The names say which class of the model each id is (-1, "no label" in datasets, stays out of range).
+        values = [feature.names[v] if 0 <= v < len(feature.names) else v for v in values]
+    ids = []
+    for row, value in enumerate(values):
+        if isinstance(value, str):
+            if value not in label2id:
+                raise ValueError(f"Label {value!r} (row {row}, column {label_column!r}) is not a label of the baseline "
+                                 f"model; its config.label2id knows {sorted(label2id)}.")
+            value = label2id[value]
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"Label {value!r} (row {row}, column {label_column!r}) is neither a class id nor a label "
+                             "name; only classification labels can be scored.")
+        if not 0 <= value < num_labels:
+            raise ValueError(f"Label {value!r} (row {row}, column {label_column!r}) is out of range: the baseline "
+                             f"model has config.num_labels={num_labels}, so class ids lie in 0..{num_labels - 1}.")
+        ids.append(int(value))
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _encode(tokenizer: Any, columns: Sequence[Sequence[Any]], seq_len: int) -> dict[str, np.ndarray]:
+    for column in columns:
+        for row, text in enumerate(column):
+            if not isinstance(text, str):
+                raise ValueError(f"Text {text!r} in row {row} of the eval data is not a string.")
+    encoded = tokenizer(*[list(c) for c in columns], padding="max_length", truncation=True, max_length=seq_len,
                         return_tensors="np")
-    inputs = {k: v.astype(np.int64) for k, v in encoded.items()}
+    inputs = {k: np.asarray(v).astype(np.int64) for k, v in encoded.items()}
     if "token_type_ids" not in inputs:
         inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
-    return inputs, np.asarray(test["label"])
+    return inputs
+
+
+def _eval_data(tokenizer: Any, config: Any, args: BenchmarkArguments,
+               dataset: Optional[datasets.Dataset]) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Encoded inputs (at least max(batch_sizes) rows, repeated if the data is shorter), labels of the first
+    `eval_size` rows, and what was used (for `settings`)."""
+    largest = max(args.batch_sizes)
+    if dataset is None:
+        # Nothing to score (eval_size 0): time on full-length inputs (padding does not change the work done).
+        texts = [" ".join(["the quick brown fox jumps over the lazy dog"] * args.seq_len)] * largest
+        return _encode(tokenizer, [texts], args.seq_len), np.zeros(0, np.int64), {"timing_inputs": "synthetic"}
+    if len(dataset) == 0:
+        raise ValueError("The eval data has no rows.")
+    columns = _text_columns(dataset, args.text_columns)
+    n_scored = min(args.eval_size, len(dataset))
+    if n_scored < args.eval_size:
+        logger.warning(f"hf_prune: eval_size={args.eval_size} but the eval data has {len(dataset)} rows; scoring all.")
+    labels = label_ids(dataset.select(range(n_scored)), args.label_column, config) if n_scored else np.zeros(0)
+    rows = dataset.select(range(min(len(dataset), max(n_scored, largest))))
+    inputs = _encode(tokenizer, [rows[c] for c in columns], args.seq_len)
+    if len(rows) < largest:
+        inputs = {k: np.resize(v, (largest, v.shape[1])) for k, v in inputs.items()}  # rows repeated in order
+    return inputs, labels, {"text_columns": columns, "eval_examples": n_scored, "timing_inputs": "eval data"}
 
 
 def _slice(inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v[start:stop]) for k, v in inputs.items()}
 
 
-def _build_arms(args: BenchmarkArguments, names: list[str]) -> tuple[list[_Arm], Any]:
-    from transformers import AutoTokenizer
-
-    arms, tokenizer = [], None
+def _build_arms(args: BenchmarkArguments, names: list[str]) -> list[_Arm]:
+    arms = []
     for name, checkpoint in zip(names, args.checkpoints):
         model = load_pruned(checkpoint).float().eval()
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         flops = encoder_flops(model, args.seq_len)
         report = sparsity_report(model)
         info = {"parameters": report["model_params"], "zero_parameters": report["model_zero_params"],
@@ -195,7 +316,7 @@ def _build_arms(args: BenchmarkArguments, names: list[str]) -> tuple[list[_Arm],
                              "int8": "int8"}[variant]
                 arms.append(_Arm(name, checkpoint, "onnxruntime", precision, _ort_runner(path, args.threads),
                                  result.sizes_bytes[variant], flops, {**info, **export_info}))
-    return arms, tokenizer
+    return arms
 
 
 def _time_arms(arms: list[_Arm], inputs: dict[str, np.ndarray], args: BenchmarkArguments) -> None:
@@ -217,16 +338,59 @@ def _time_arms(arms: list[_Arm], inputs: dict[str, np.ndarray], args: BenchmarkA
                     bar.update()
 
 
-def _score(arm: _Arm, inputs: dict[str, np.ndarray], labels: np.ndarray, eval_size: int) -> dict[str, float]:
+def _score(arm: _Arm, inputs: dict[str, np.ndarray], labels: np.ndarray, num_labels: int) -> dict[str, float]:
     predictions = []
-    for start in range(0, eval_size, 32):
-        predictions.append(np.argmax(arm.run(_slice(inputs, start, min(start + 32, eval_size))), axis=-1))
-    return classification_metrics(np.concatenate(predictions), labels[:eval_size], num_labels=3)
+    for start in range(0, len(labels), 32):
+        predictions.append(np.argmax(arm.run(_slice(inputs, start, min(start + 32, len(labels)))), axis=-1))
+    return classification_metrics(np.concatenate(predictions), labels, num_labels=num_labels)
 
 
-def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
-    """Measure every arm, write benchmark.json / benchmark.md (and benchmark.png with matplotlib); return the results."""
+def run_benchmark(
+    args: BenchmarkArguments,
+    eval_dataset: Optional[datasets.Dataset] = None,
+    tokenizer: Any = None,
+    eval_name: Optional[str] = None,
+) -> dict[str, Any]:
+    """Measure every arm, write benchmark.json / benchmark.md (and benchmark.png with matplotlib); return the results.
+
+    Args:
+        args: checkpoints and settings; `args.eval_file` is read when `eval_dataset` is None.
+        eval_dataset: labelled eval data with the text column(s) and `args.label_column`; its first rows are also the
+            timed batches. Give this or `args.eval_file` (neither is needed with `eval_size=0`: then the timed inputs
+            are synthetic full-length texts).
+        tokenizer: tokenizer of the checkpoints (default: loaded from the first checkpoint).
+        eval_name: how benchmark.md names the eval data (default: the file name, or "eval_dataset").
+
+    Raises:
+        ValueError: no eval data while eval_size > 0, a missing column, a label the baseline model does not know, or
+            checkpoints with different numbers of labels.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
     from .runtime import available_cores
+
+    if eval_dataset is not None and args.eval_file is not None:
+        raise ValueError("Give the eval data once: eval_dataset or BenchmarkArguments.eval_file, not both.")
+    if isinstance(eval_dataset, datasets.DatasetDict):
+        raise ValueError(f"eval_dataset is a DatasetDict with splits {list(eval_dataset)}; pass one split, e.g. "
+                         "eval_dataset['test'].")
+    if args.eval_file is not None:
+        eval_dataset = load_eval_file(args.eval_file)
+        eval_name = eval_name or os.path.basename(args.eval_file)
+    if eval_dataset is None and args.eval_size > 0:
+        raise ValueError("No eval data to score: pass eval_dataset (a datasets.Dataset with text and label columns) to "
+                         "run_benchmark, or set eval_file (--eval_file: csv/tsv/json/jsonl/parquet); or set "
+                         "eval_size=0 (--eval_size 0) to time without scoring accuracy.")
+    configs = [AutoConfig.from_pretrained(c) for c in args.checkpoints]
+    num_labels = configs[0].num_labels
+    for checkpoint, config in zip(args.checkpoints[1:], configs[1:]):
+        if config.num_labels != num_labels:
+            raise ValueError(f"{checkpoint} has config.num_labels={config.num_labels} but the baseline "
+                             f"{args.checkpoints[0]} has {num_labels}; their predictions cannot be scored alike.")
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(args.checkpoints[0])
+    # Data first: a bad label fails in seconds, before minutes of ONNX export.
+    inputs, labels, data_info = _eval_data(tokenizer, configs[0], args, eval_dataset)
+    data_info["eval_data"] = (eval_name or "eval_dataset") if eval_dataset is not None else None
 
     threads = args.threads or available_cores()
     previous_threads = torch.get_num_threads()
@@ -235,11 +399,10 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         names = args.names or [Path(c).name or str(c) for c in args.checkpoints]
         if len(set(names)) != len(names):
             names = [f"{i}-{n}" for i, n in enumerate(names)]
-        arms, tokenizer = _build_arms(args, names)
-        inputs, labels = _eval_data(tokenizer, args)
+        arms = _build_arms(args, names)
         rows = []
-        for arm in tqdm(arms, desc="accuracy", unit="arm") if args.eval_size else []:
-            arm.info.update(_score(arm, inputs, labels, args.eval_size))
+        for arm in tqdm(arms, desc="accuracy", unit="arm") if len(labels) else []:
+            arm.info.update(_score(arm, inputs, labels, num_labels))
         _time_arms(arms, inputs, args)
     finally:
         torch.set_num_threads(previous_threads)
@@ -265,7 +428,8 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         rows.append(row)
 
     settings = {k: v for k, v in asdict(args).items()}
-    settings.update(threads=threads, torch=torch.__version__, cpu_cores=available_cores())
+    settings.update(data_info, num_labels=num_labels, threads=threads, torch=torch.__version__,
+                    cpu_cores=available_cores())
     try:
         import onnxruntime
 
@@ -285,9 +449,16 @@ def format_markdown(results: dict[str, Any]) -> str:
     for b in sizes:
         header += [f"b{b} p50 ms", f"b{b} p90 ms", f"b{b} speedup"]
     header += [f"ex/s (b{largest})", "of FLOP limit"]
+    if "eval_data" not in settings:  # results written before the eval data was configurable
+        data = f"Tweet sentiment test split ({settings['eval_size']} examples)"
+    elif settings["eval_data"] is None:
+        data = "Synthetic full-length inputs, no accuracy (eval_size 0)"
+    elif not settings.get("eval_examples"):
+        data = f"Timed on {settings['eval_data']}, no accuracy (eval_size 0)"
+    else:
+        data = f"{settings['eval_data']} ({settings['eval_examples']} examples scored)"
     lines = [
-        f"Tweet sentiment test split ({settings['eval_size']} examples), seq {settings['seq_len']}, "
-        f"{settings['threads']} threads, {settings['rounds']}x{settings['repeats']} timed calls per arm and batch "
+        f"{data}, seq {settings['seq_len']}, {settings['threads']} threads, {settings['rounds']}x{settings['repeats']} timed calls per arm and batch "
         f"size (interleaved). Speedups: vs the first checkpoint in the same runtime (ONNX Runtime arms vs its fp32 "
         "graph).",
         "",
@@ -324,10 +495,7 @@ def write_results(results: dict[str, Any], output_dir: str) -> dict[str, str]:
     os.makedirs(output_dir, exist_ok=True)
     paths = {"json": os.path.join(output_dir, "benchmark.json"), "markdown": os.path.join(output_dir, "benchmark.md")}
     for key, text in (("json", json.dumps(results, indent=2) + "\n"), ("markdown", format_markdown(results))):
-        tmp = paths[key] + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, paths[key])
+        atomic_write_text(paths[key], text)
     from .plot import plot_accuracy_latency
 
     png = plot_accuracy_latency(results, os.path.join(output_dir, "benchmark.png"))

@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from .config import PruningConfig
 from .finalize import save_pruning_artifacts
+from .methods import get_method
 from .pruner import STATE_NAME, Pruner
 
 logger = logging.get_logger(__name__)
@@ -24,31 +25,35 @@ CHECKPOINT_PREFIX = "checkpoint"
 
 
 class PruningCallback(TrainerCallback):
-    """Gradual pruning as a `TrainerCallback` (use `MagnitudePruningCallback` or `MovementPruningCallback`).
+    """Gradual pruning as a `TrainerCallback`, for any registered method (`hf_prune.available_methods()`).
 
     Args:
-        config: a `PruningConfig`; its `method` must be one this callback supports.
+        config: a `PruningConfig`.
+        managed_by_trainer: set by `PruningTrainer`, which wires in what a callback cannot (loss terms, learnable
+            scores); methods that need those (`requires_trainer`, e.g. soft_movement) are refused otherwise.
     """
 
-    methods: tuple[str, ...] = ("magnitude", "movement")
+    #: Methods a subclass accepts; None accepts every registered method.
+    methods: Optional[tuple[str, ...]] = None
 
-    def __init__(self, config: PruningConfig) -> None:
+    def __init__(self, config: PruningConfig, *, managed_by_trainer: bool = False) -> None:
         if not isinstance(config, PruningConfig):
             raise TypeError(f"{type(self).__name__} takes a PruningConfig, got {type(config).__name__}.")
-        if config.method not in self.methods:
-            if config.method == "soft_movement":
-                raise ValueError(
-                    "PruningConfig.method='soft_movement' learns scores with the optimizer and adds a regulariser to "
-                    "the loss, which a TrainerCallback cannot do. Use hf_prune.PruningTrainer(pruning_config=...) for "
-                    "it, or method='movement' with a callback."
-                )
+        if self.methods is not None and config.method not in self.methods:
             raise ValueError(
-                f"{type(self).__name__} got PruningConfig.method={config.method!r}; it supports {self.methods}."
+                f"{type(self).__name__} got PruningConfig.method={config.method!r}; it supports {self.methods}. "
+                "hf_prune.PruningCallback takes any registered method."
+            )
+        if get_method(config.method).requires_trainer and not managed_by_trainer:
+            raise ValueError(
+                f"PruningConfig.method={config.method!r} adds a loss term or learnable scores, which a TrainerCallback "
+                "cannot wire into a plain Trainer. Use hf_prune.PruningTrainer(pruning_config=...) for it, or a "
+                "method without that need (e.g. 'magnitude' or 'movement') with the callback."
             )
         self.config = config
         self.pruner: Optional[Pruner] = None
         self.resume_from: Optional[str] = None  # set by PruningTrainer.train(resume_from_checkpoint=...)
-        self.metrics_logged_by_trainer = False
+        self.metrics_logged_by_trainer = managed_by_trainer
 
     def build(self, model) -> Pruner:
         if self.pruner is None or self.pruner.model is not model:
@@ -118,9 +123,11 @@ class PruningCallback(TrainerCallback):
             STATE_NAME,
             [c for c in candidates if c],
         )
+        masks = {}
         for name, module in pruner.modules.items():
             zeros = module.weight.detach() == 0
-            pruner.masks[name] = zeros if bool(zeros.any()) else None
+            masks[name] = zeros if bool(zeros.any()) else None
+        pruner.set_masks(masks)
         pruner.scheduled_sparsity = pruner.schedule.sparsity_at(state.global_step)
 
     def _log_before_reporters(self) -> None:
@@ -166,14 +173,3 @@ class HeadPruningCallback(PruningCallback):
                 "fraction in (0, 1), or use MagnitudePruningCallback for unstructured pruning only."
             )
         super().__init__(config)
-
-
-class _SoftMovementCallback(PruningCallback):
-    # Learned scores need PruningTrainer's optimizer and loss; only the trainer builds this callback.
-    methods = ("soft_movement",)
-
-
-def callback_for(config: PruningConfig) -> PruningCallback:
-    """The callback that runs `config.method` (soft movement only inside PruningTrainer)."""
-    classes = {"magnitude": MagnitudePruningCallback, "movement": MovementPruningCallback}
-    return classes.get(config.method, _SoftMovementCallback)(config)

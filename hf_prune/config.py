@@ -10,13 +10,27 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union, get_args
 
-METHODS = ("magnitude", "movement", "soft_movement")
-SCHEDULES = ("cubic", "linear", "one_shot")
-GRANULARITIES = ("unstructured", "block", "n:m")
-SCOPES = ("global", "local")
+from transformers.utils import logging
+
+from .files import atomic_write_text
+from .methods import available_methods, get_method
+
+logger = logging.get_logger(__name__)
+
+Schedule = Literal["cubic", "linear", "one_shot"]
+Granularity = Literal["unstructured", "block", "n:m"]
+Scope = Literal["global", "local"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+SCOPES: tuple[str, ...] = get_args(Scope)
+
+# Version of the saved `pruning_config.json`; a file from a newer hf_prune loads with a warning, its unknown keys
+# ignored.
+FORMAT_VERSION = 1
 
 # Linear layers inside numbered transformer blocks: `encoder.layer.3.`, `layers.3.`, `transformer.h.3.`, `blocks.3.`.
 # Embeddings, pooler and classifier/LM heads sit outside the blocks and stay dense.
@@ -30,6 +44,35 @@ def _fail(option: str, value: Any, allowed: str) -> None:
     raise ValueError(f"PruningConfig.{option}={value!r} is invalid: {allowed}.")
 
 
+class _LazyHelp(Mapping):
+    """Field metadata whose help text is built when read, so `--help` lists methods registered after import."""
+
+    def __init__(self, make_help: Callable[[], str]) -> None:
+        self._make_help = make_help
+
+    def __getitem__(self, key: str) -> str:
+        if key != "help":
+            raise KeyError(key)
+        return self._make_help()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("help",))
+
+    def __len__(self) -> int:
+        return 1
+
+    def copy(self) -> dict[str, str]:  # HfArgumentParser copies field metadata into argparse keyword arguments
+        return {"help": self._make_help()}
+
+
+def _method_help() -> str:
+    return (
+        f"Importance criterion, one of the registered methods {list(available_methods())}: 'magnitude' (|W|), "
+        "'movement' (accumulated -W*dL/dW, Sanh et al. 2020), 'soft_movement' (learned scores with a regulariser; "
+        "PruningTrainer only), or any name added with hf_prune.register_method."
+    )
+
+
 @dataclass
 class PruningConfig:
     """Configuration of pruning during fine-tuning.
@@ -38,20 +81,14 @@ class PruningConfig:
     `global_step`); fractions of training are fractions of the Trainer's `max_steps`.
     """
 
-    method: str = field(
-        default="magnitude",
-        metadata={
-            "help": "Importance criterion: 'magnitude' (|W|), 'movement' (accumulated -W*dL/dW, Sanh et al. 2020) or "
-            "'soft_movement' (learned scores with a regulariser; PruningTrainer only)."
-        },
-    )
+    method: str = field(default="magnitude", metadata=_LazyHelp(_method_help))
     target_sparsity: float = field(
         default=0.9, metadata={"help": "Final fraction of targeted weights set to zero, in [0, 1)."}
     )
     initial_sparsity: float = field(
         default=0.0, metadata={"help": "Sparsity applied at the first pruning step, in [0, target_sparsity]."}
     )
-    schedule: str = field(
+    schedule: Schedule = field(
         default="cubic",
         metadata={"help": "Sparsity over steps: 'cubic' (Zhu & Gupta 2017), 'linear' or 'one_shot'."},
     )
@@ -65,7 +102,7 @@ class PruningConfig:
     pruning_interval: int = field(
         default=10, metadata={"help": "Optimizer steps between two mask updates while the schedule ramps."}
     )
-    granularity: str = field(
+    granularity: Granularity = field(
         default="unstructured",
         metadata={"help": "Pattern of zeros: 'unstructured', 'block' (see block_shape) or 'n:m' (see n_m)."},
     )
@@ -80,7 +117,7 @@ class PruningConfig:
             "semi-structured sparsity). The final sparsity is 1 - N/M and target_sparsity must equal it."
         },
     )
-    scope: str = field(
+    scope: Scope = field(
         default="global",
         metadata={
             "help": "'global' ranks all targeted weights together (layers end up with different sparsity); "
@@ -165,8 +202,8 @@ class PruningConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the option, the value and what is allowed."""
-        if self.method not in METHODS:
-            _fail("method", self.method, f"choose one of {METHODS}")
+        if self.method not in available_methods():
+            _fail("method", self.method, f"choose one of the registered methods {list(available_methods())}")
         if self.schedule not in SCHEDULES:
             _fail("schedule", self.schedule, f"choose one of {SCHEDULES}")
         if self.granularity not in GRANULARITIES:
@@ -214,8 +251,7 @@ class PruningConfig:
                 _fail("sparsity_overrides", pattern, f"keys must be valid regular expressions ({err})")
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 _fail("sparsity_overrides", {pattern: value}, "a sparsity must lie in [0, 1)")
-        if self.method == "soft_movement" and self.regularization_lambda < 0:
-            _fail("regularization_lambda", self.regularization_lambda, "must be >= 0")
+        get_method(self.method).validate_config(self)
         if self.score_learning_rate <= 0:
             _fail("score_learning_rate", self.score_learning_rate, "must be > 0")
         if not 0.0 <= self.distillation_alpha <= 1.0:
@@ -243,14 +279,26 @@ class PruningConfig:
         return asdict(self)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps({"format_version": FORMAT_VERSION, **self.to_dict()}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+        """Build from a mapping of options. `format_version` (written by `save_pretrained`) is optional; a file from
+        a newer hf_prune loads with a warning and its unknown keys ignored, while unknown keys in a file of this
+        version or older (a typo in a YAML file) fail, naming the allowed options."""
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown PruningConfig option(s) {unknown}; allowed options are {sorted(known)}.")
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                logger.warning(
+                    "hf_prune: this pruning config was written by a newer hf_prune (format_version %s, this one reads "
+                    "%s); ignoring the options it does not know: %s.", version, FORMAT_VERSION, unknown,
+                )
+                data = {k: v for k, v in data.items() if k in known}
+            else:
+                raise ValueError(f"Unknown PruningConfig option(s) {unknown}; allowed options are {sorted(known)}.")
         return cls(**data)
 
     @classmethod
@@ -272,11 +320,7 @@ class PruningConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str) -> str:
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
-        return path
+        return atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PruningConfig":

@@ -16,7 +16,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .config import PruningConfig
+from .files import atomic_write_text
 from .masks import sparsity_report
+from .structure import save_structure, structure_summary
 
 REPORT_NAME = "sparsity_report.json"
 CARD_NAME = "README.md"
@@ -41,17 +43,8 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def pruned_structure(model: nn.Module) -> Optional[dict]:
     """`structure_summary(model)` when heads or FFN neurons were removed, else None (also for other architectures)."""
-    from .structure import structure_summary
-
     try:
         summary = structure_summary(model)
     except ValueError:
@@ -126,7 +119,7 @@ def write_model_card_section(directory: str, section: str) -> str:
         text = existing.rstrip("\n") + "\n\n" + section
     else:
         text = "---\nlibrary_name: transformers\ntags:\n- hf_prune\n- pruning\n---\n\n" + section
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -136,12 +129,10 @@ def save_pruning_artifacts(
     """Write `pruning_config.json`, `sparsity_report.json` and (optionally) the model-card section next to weights."""
     os.makedirs(directory, exist_ok=True)
     report = sparsity_report(model, config.targets, config.exclude)
-    _atomic_write(os.path.join(directory, "pruning_config.json"), config.to_json_string())
-    _atomic_write(os.path.join(directory, REPORT_NAME), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(os.path.join(directory, "pruning_config.json"), config.to_json_string())
+    atomic_write_text(os.path.join(directory, REPORT_NAME), json.dumps(report, indent=2) + "\n")
     structure = pruned_structure(model)
     if structure is not None:
-        from .structure import save_structure
-
         save_structure(model, directory)
     if write_card:
         write_model_card_section(directory, model_card_section(config, report, structure))

@@ -8,6 +8,7 @@ exports like any other model. All patterns are computed on the (out_features, in
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Optional, Sequence
 
@@ -15,17 +16,11 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_EXCLUDE, DEFAULT_TARGETS, PruningConfig
+from .linear import is_prunable_module, matrix_view
 
-
-def is_prunable_module(module: nn.Module) -> bool:
-    """nn.Linear and Transformers' Conv1D (GPT-2 family) are the layers pruning applies to."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def matrix_view(module: nn.Module, tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`tensor` (default the weight) as (out_features, in_features), a view that shares storage."""
-    tensor = module.weight if tensor is None else tensor
-    return tensor.t() if type(module).__name__ == "Conv1D" else tensor
+# Below this many units, one `topk` over all of them is fast enough; above it, `select_lowest` finds the k-th value
+# from a sample and a few counting passes instead (topk over MiniLM's 10.6M weights took ~0.25 s per mask update).
+DIRECT_SELECTION_LIMIT = 1 << 20
 
 
 def find_target_modules(
@@ -75,18 +70,66 @@ def expand_units(pruned_units: torch.Tensor, shape: torch.Size, config: PruningC
 def select_lowest(units: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """Mark the lowest-scoring units across `units` so that `sparsity` of all units is pruned.
 
-    Units of one pattern all hold the same number of weights, so a fraction of units is a fraction of weights.
-    Ranking is by `topk`, not by a threshold, so ties (the many zeros of already-pruned weights) cannot overshoot:
-    the count is exact.
+    Units of one pattern all hold the same number of weights, so a fraction of units is a fraction of weights. The
+    count is exact: k = round(sparsity * total) units are marked, never more, whatever the ties (the many -inf of
+    already-pruned weights, equal magnitudes). Among units tied at the k-th value, the first in order are taken.
     """
-    sizes = [u.numel() for u in units]
+    flats = [u.reshape(-1).float() for u in units]
+    sizes = [f.numel() for f in flats]
     total = sum(sizes)
     k = min(int(round(sparsity * total)), total)
-    flat = torch.cat([u.reshape(-1).float() for u in units]) if len(units) > 1 else units[0].reshape(-1).float()
-    pruned = torch.zeros(total, dtype=torch.bool, device=flat.device)
-    if k > 0:
+    if k <= 0:
+        return [torch.zeros(n, dtype=torch.bool, device=f.device) for n, f in zip(sizes, flats)]
+    if k >= total:
+        return [torch.ones(n, dtype=torch.bool, device=f.device) for n, f in zip(sizes, flats)]
+    if total <= DIRECT_SELECTION_LIMIT:
+        flat = torch.cat(flats) if len(flats) > 1 else flats[0]
+        pruned = torch.zeros(total, dtype=torch.bool, device=flat.device)
         pruned[torch.topk(flat, k, largest=False, sorted=False).indices] = True
-    return list(pruned.split(sizes))
+        return list(pruned.split(sizes))
+    value = _kth_smallest(flats, k, total)
+    pruned = [f < value for f in flats]
+    missing = k - sum(int(p.sum()) for p in pruned)
+    for flat, mask in zip(flats, pruned):  # ties at the k-th value: the first ones, in order
+        if missing <= 0:
+            break
+        tied = torch.nonzero(flat == value).flatten()[:missing]
+        mask[tied] = True
+        missing -= tied.numel()
+    return pruned
+
+
+def _count(flats: Sequence[torch.Tensor], predicate) -> int:
+    return sum(int(predicate(f).sum()) for f in flats)
+
+
+def _kth_smallest(flats: Sequence[torch.Tensor], k: int, total: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of all `flats` together, without sorting or concatenating them.
+
+    A strided sample brackets the k-th value between two sample quantiles; counting passes check the bracket
+    and only the values inside it are gathered and ranked exactly. If the sample misled (adversarial order), the
+    whole set is ranked: the answer is exact either way.
+    """
+    stride = max(total // 65536, 1)
+    sample = torch.sort(torch.cat([f[::stride] for f in flats])).values
+    m = sample.numel()
+    centre = k / total * (m - 1)
+    margin = 4.0 * math.sqrt(m) + 8
+    lo_index, hi_index = int(max(centre - margin, 0)), int(min(centre + margin, m - 1))
+    lo = sample[lo_index] if lo_index > 0 else torch.tensor(float("-inf"))
+    hi = sample[hi_index] if hi_index < m - 1 else torch.tensor(float("inf"))
+    below = _count(flats, lambda f: f < lo)
+    at_or_below_lo = _count(flats, lambda f: f <= lo)
+    if below < k <= at_or_below_lo:
+        return lo
+    below_hi = _count(flats, lambda f: f < hi)
+    at_or_below_hi = _count(flats, lambda f: f <= hi)
+    if below_hi < k <= at_or_below_hi:
+        return hi
+    if at_or_below_lo < k <= below_hi:
+        inside = torch.cat([f[(f > lo) & (f < hi)] for f in flats])
+        return torch.kthvalue(inside, k - at_or_below_lo).values
+    return torch.kthvalue(torch.cat(flats), k).values
 
 
 def check_pattern_fits(name: str, module: nn.Module, config: PruningConfig) -> None:

@@ -1,43 +1,46 @@
 """The pruning engine: scores, schedule and masks for one model, in plain PyTorch.
 
-`Pruner` knows nothing about `Trainer`; the callbacks and `PruningTrainer` call the same four methods at the same
-points of an optimizer step, so both paths produce the same masks:
+`Pruner` knows nothing about `Trainer`; the callbacks and `PruningTrainer` call the same methods at the same points
+of an optimizer step, so both paths produce the same masks:
 
     after backward, before the optimizer step   -> `before_optimizer_step()`  (scores, gradient masking)
     after the optimizer step                    -> `after_optimizer_step()`   (pruned weights back to exactly 0)
     after the step counter moved                -> `update(step)`             (new masks when the schedule says)
 
-Zeroing after every optimizer step is what keeps pruned weights at exactly zero under Adam, whose moments would
-otherwise move them again, and under any autocast dtype, since the fp32 master weights are the ones masked.
+Which weights matter is the registered criterion's business (`hf_prune.methods`); how much is pruned when is the
+schedule's; which pattern the zeros take is `masks`'. Zeroing after every optimizer step is what keeps pruned
+weights at exactly zero under any optimizer and autocast dtype, since the fp32 master weights are the ones masked.
+
+Every per-step operation is one batched `torch._foreach_*` call over all targeted weights (multiplying by 0/1
+keep-masks cached in the weights' dtype), not a Python loop of small ops: the engine must cost almost nothing
+next to a training step.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from transformers.utils import logging
 
 from .config import PruningConfig
-from .masks import (
-    check_pattern_fits,
-    expand_units,
-    find_target_modules,
-    is_prunable_module,
-    matrix_view,
-    select_lowest,
-    unit_scores,
-)
+from .files import atomic_torch_save
+from .linear import is_prunable_module, matrix_view, stored_layout
+from .masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
+from .methods import PruningMethod, get_method
+from .methods.base import same_dtype
+from .optim import keep_optimizer_state
 from .schedules import SparsitySchedule
-from .scores import accumulate_movement, magnitude_scores, movement_score_gradient
-from .structured import StructuredPruner
+from .units.gradual import GradualUnitPruner
 
 logger = logging.get_logger(__name__)
 
 STATE_NAME = "hf_prune_state.pt"
+# Version of `hf_prune_state.pt`. 1: scores at the top level; 2: the method's own state under "method".
+STATE_FORMAT_VERSION = 2
 
 
 class Pruner:
@@ -81,21 +84,23 @@ class Pruner:
                     self.override_of[name] = float(sparsity)
                     break
 
+        self.method: PruningMethod = get_method(config.method)(config)
+        self.method.attach(self.modules)
         self.masks: dict[str, Optional[torch.Tensor]] = {name: None for name in self.modules}
-        self.scores: dict[str, torch.Tensor] = {}
-        if config.method == "movement":
-            self.scores = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in self.modules.items()}
-        elif config.method == "soft_movement":
-            # Learned scores start at |W| scaled to ~[0, 1]: ranking by magnitude until movement says otherwise.
-            self.scores = {n: nn.Parameter(_normalised_magnitude(m.weight)) for n, m in self.modules.items()}
-        self.structured: Optional[StructuredPruner] = None
+        self._keep: dict[str, torch.Tensor] = {}  # 1 where kept, 0 where pruned, in the weight's dtype
+        self.units: Optional[GradualUnitPruner] = None
         if config.head_sparsity > 0 or config.neuron_sparsity > 0:
-            self.structured = StructuredPruner(model, config)
+            self.units = GradualUnitPruner(model, config)
         self.finished = False
         self.schedule: Optional[SparsitySchedule] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.last_update_step = 0
         self.scheduled_sparsity = 0.0
+
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The criterion's score tensors by module name (empty for criteria without state, e.g. magnitude)."""
+        return getattr(self.method, "score_tensors", {})
 
     # ----------------------------------------------------------------------------------------- training-step hooks
     def start(self, total_steps: int) -> None:
@@ -115,41 +120,49 @@ class Pruner:
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Score from the complete gradients, then hide pruned weights from the optimizer."""
-        method = self.config.method
-        for name, module in self.modules.items():
-            weight, grad = module.weight, module.weight.grad
-            if grad is None:
-                continue
-            if method == "movement":
-                accumulate_movement(self.scores[name], weight, grad)
-            elif method == "soft_movement":
-                score = self.scores[name]
-                update = movement_score_gradient(weight, grad)
-                score.grad = update if score.grad is None else score.grad.add_(update)
-            mask = self.masks[name]
-            if mask is not None:
-                grad.masked_fill_(mask, 0.0)
-        if self.structured is not None:
-            self.structured.accumulate()
-            self.structured.mask_gradients()
+        if self.finished:
+            return
+        if self.method.needs_gradients:
+            names, weights, grads = [], [], []
+            for name, module in self.modules.items():
+                if module.weight.grad is not None:
+                    names.append(name)
+                    weights.append(module.weight.detach())
+                    grads.append(module.weight.grad)
+            if names:
+                self.method.on_gradients(names, weights, grads)
+        self._multiply_by_keep(lambda module: module.weight.grad)
+        if self.units is not None:
+            self.units.accumulate()
+            self.units.mask_gradients()
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        # Learned scores live outside the model, so nothing else clears their gradients.
-        for score in self.score_parameters():
-            score.grad = None
+        self.method.after_optimizer_step()
         self.apply_masks()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         if self.finished:
             return  # structures were removed: shapes changed and the zeros are final
-        for name, module in self.modules.items():
-            mask = self.masks[name]
-            if mask is not None:
-                module.weight.masked_fill_(mask, 0.0)
-        if self.structured is not None:
-            self.structured.apply_masks()
+        self._multiply_by_keep(lambda module: module.weight)
+        if self.units is not None:
+            self.units.apply_masks()
+
+    def _multiply_by_keep(self, tensor_of) -> None:
+        targets, keeps = [], []
+        for name, keep in self._keep.items():
+            tensor = tensor_of(self.modules[name])
+            if tensor is not None:
+                targets.append(tensor.data if isinstance(tensor, nn.Parameter) else tensor)
+                keeps.append(keep if keep.dtype == tensor.dtype else keep.to(tensor.dtype))
+        if not targets:
+            return
+        if same_dtype(targets, keeps):
+            torch._foreach_mul_(targets, keeps)
+        else:
+            for tensor, keep in zip(targets, keeps):
+                tensor.mul_(keep)
 
     def update(self, step: int) -> bool:
         """Recompute masks if `step` is a scheduled pruning step; returns whether it was."""
@@ -159,12 +172,12 @@ class Pruner:
             return False
         if self.config.target_sparsity > 0 or self.config.sparsity_overrides:
             self.prune_to(self.schedule.sparsity_at(step))
-        if self.structured is not None:
-            self.structured.prune_to(
+        if self.units is not None:
+            self.units.prune_to(
                 self.schedule.sparsity_at(step, self.config.head_sparsity),
                 self.schedule.sparsity_at(step, self.config.neuron_sparsity),
             )
-            self.structured.clear_optimizer_state(self.optimizer)
+            self.units.clear_optimizer_state(self.optimizer)
         self.last_update_step = step
         return True
 
@@ -174,21 +187,37 @@ class Pruner:
         Returns what was removed ({"heads": ..., "neurons": ...}) or None.
         """
         self.apply_masks()
-        if self.structured is None or not self.config.remove_structures or self.finished:
+        if self.units is None or not self.config.remove_structures or self.finished:
             return None
-        removed = self.structured.remove()
+        removed = self.units.remove()
         self.finished = True
         return removed
 
     # -------------------------------------------------------------------------------------------------- masks
+    def set_masks(self, masks: dict[str, Optional[torch.Tensor]]) -> None:
+        """Replace the masks of the named modules (True = pruned, the weight's stored shape) and apply them."""
+        unknown = sorted(set(masks) - set(self.modules))
+        if unknown:
+            raise ValueError(f"Pruning masks name modules this model does not target: {unknown[:4]}")
+        for name, mask in masks.items():
+            weight = self.modules[name].weight
+            if mask is None:
+                self.masks[name] = None
+                self._keep.pop(name, None)
+                continue
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"Pruning mask of {name!r} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}."
+                )
+            mask = mask.to(device=weight.device, dtype=torch.bool)
+            self.masks[name] = mask
+            self._keep[name] = (~mask).to(weight.dtype)
+        self.apply_masks()
+
     def importance(self, name: str) -> torch.Tensor:
         """(out, in) float32 scores of one module under the configured method; higher is kept."""
         module = self.modules[name]
-        if self.config.method == "magnitude":
-            scores = magnitude_scores(module.weight)
-        else:
-            scores = self.scores[name].detach()
-        return matrix_view(module, scores)
+        return matrix_view(module, self.method.scores(name, module))
 
     def _ranking_scores(self, name: str) -> torch.Tensor:
         # Pruning is monotone: a pruned weight is already zero, and letting it back in would restart it from zero
@@ -196,7 +225,7 @@ class Pruner:
         scores = self.importance(name)
         mask = self.masks[name]
         if mask is not None:
-            scores = scores.masked_fill(matrix_view(self.modules[name], mask), float("-inf"))
+            scores = torch.where(matrix_view(self.modules[name], mask), float("-inf"), scores)
         return scores
 
     @torch.no_grad()
@@ -211,6 +240,7 @@ class Pruner:
                 groups[f"local:{name}"] = [name]
             else:
                 groups.setdefault("global", []).append(name)
+        new_masks = {}
         for key, names in groups.items():
             target = sparsity
             if key.startswith("override:"):
@@ -220,38 +250,31 @@ class Pruner:
             units = [unit_scores(self._ranking_scores(n), self.config) for n in names]
             for name, pruned_units in zip(names, select_lowest(units, target)):
                 module = self.modules[name]
-                shape = matrix_view(module).shape
-                mask = expand_units(pruned_units, shape, self.config)
-                self.masks[name] = mask.t().contiguous() if type(module).__name__ == "Conv1D" else mask
+                mask = expand_units(pruned_units, matrix_view(module).shape, self.config)
+                new_masks[name] = stored_layout(module, mask)
         self.scheduled_sparsity = sparsity
-        self.apply_masks()
-        self._clear_optimizer_state()
+        self.set_masks(new_masks)
+        names = list(self._keep)
+        keep_optimizer_state(self.optimizer, [self.modules[n].weight for n in names], [self._keep[n] for n in names])
 
     def attach_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Let mask updates clear the optimizer state (e.g. Adam moments) of newly pruned weights."""
         self.optimizer = optimizer
 
-    @torch.no_grad()
-    def _clear_optimizer_state(self) -> None:
-        # Stale momentum would keep pushing a pruned weight; masking it each step hides that, clearing it removes it.
-        if self.optimizer is None:
-            return
-        for name, module in self.modules.items():
-            mask = self.masks[name]
-            state = self.optimizer.state.get(module.weight, {}) if mask is not None else {}
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == mask.shape:
-                    value.masked_fill_(mask, 0.0)
-
-    # ------------------------------------------------------------------------------------------ soft movement
+    # -------------------------------------------------------------------------------- criterion-specific terms
     def score_parameters(self) -> list[nn.Parameter]:
-        return list(self.scores.values()) if self.config.method == "soft_movement" else []
+        """Learnable parameters of the criterion (soft movement's scores), for the optimizer."""
+        return self.method.parameters()
+
+    def loss(self) -> Optional[torch.Tensor]:
+        """The criterion's term for the training loss (soft movement's weighted regulariser), or None."""
+        return self.method.loss()
 
     def regularization(self) -> torch.Tensor:
-        """Mean sigmoid of the learned scores: pushes unneeded scores down (Sanh et al. 2020, soft movement)."""
-        params = self.score_parameters()
-        total = sum(torch.sigmoid(p).sum() for p in params)
-        return total / self.num_targeted
+        """Soft movement's unweighted mean sigmoid of the scores (kept for existing callers)."""
+        if not hasattr(self.method, "regularization"):
+            raise AttributeError(f"The {self.config.method!r} method has no regulariser.")
+        return self.method.regularization()
 
     # ----------------------------------------------------------------------------------------------- reporting
     @property
@@ -262,8 +285,6 @@ class Pruner:
     def measured_sparsity(self) -> float:
         """Fraction of targeted weights that are exactly zero, counted on the weights (not on the masks)."""
         if self.finished:  # modules were rebuilt by structural removal
-            from .masks import sparsity_report
-
             return sparsity_report(self.model, self.config.targets, self.config.exclude)["global_sparsity"]
         zeros = sum(int((m.weight == 0).sum()) for m in self.modules.values())
         return zeros / self.num_targeted
@@ -273,43 +294,48 @@ class Pruner:
             "sparsity": round(self.measured_sparsity(), 6),
             "scheduled_sparsity": round(self.scheduled_sparsity, 6),
         }
-        if self.structured is not None:
-            metrics.update({k: round(v, 6) for k, v in self.structured.log_metrics().items()})
+        if self.units is not None:
+            metrics.update({k: round(v, 6) for k, v in self.units.log_metrics().items()})
         return metrics
 
     # ----------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
+            "format_version": STATE_FORMAT_VERSION,
             "config": self.config.to_dict(),
             "masks": {n: m for n, m in self.masks.items() if m is not None},
-            "scores": {n: s.detach().clone() for n, s in self.scores.items()},
+            "method": self.method.state_dict(),
             "last_update_step": self.last_update_step,
             "scheduled_sparsity": self.scheduled_sparsity,
-            "structured": None if self.structured is None else self.structured.state_dict(),
+            "structured": None if self.units is None else self.units.state_dict(),
         }
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version = state.get("format_version", 1)
+        if isinstance(version, int) and version > STATE_FORMAT_VERSION:
+            known = {"format_version", "config", "masks", "method", "scores", "last_update_step",
+                     "scheduled_sparsity", "structured"}
+            logger.warning(
+                "hf_prune: this pruning state was written by a newer hf_prune (format_version %s, this one reads %s); "
+                "ignoring what it does not know: %s.", version, STATE_FORMAT_VERSION, sorted(set(state) - known),
+            )
         unknown = set(state["masks"]) - set(self.modules)
         if unknown:
             raise ValueError(f"Pruning state holds masks for modules this model does not target: {sorted(unknown)[:4]}")
-        for name, module in self.modules.items():
-            mask = state["masks"].get(name)
-            self.masks[name] = None if mask is None else mask.to(module.weight.device)
-        for name, saved in state["scores"].items():
-            self.scores[name].copy_(saved)
+        self.set_masks({name: state["masks"].get(name) for name in self.modules})
+        # Version 1 kept the movement / soft-movement scores at the top level.
+        method_state = state["method"] if "method" in state else {"scores": state.get("scores", {})}
+        self.method.load_state_dict(method_state)
         self.last_update_step = state["last_update_step"]
         self.scheduled_sparsity = state["scheduled_sparsity"]
-        if self.structured is not None and state.get("structured") is not None:
-            self.structured.load_state_dict(state["structured"])
+        if self.units is not None and state.get("structured") is not None:
+            self.units.load_state_dict(state["structured"])
         self.apply_masks()
 
     def save(self, directory: str) -> str:
-        path = os.path.join(directory, STATE_NAME)
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # never leave a half-written state beside a good checkpoint
-        return path
+        # Atomic: never leave a half-written state beside a good checkpoint.
+        return atomic_torch_save(self.state_dict(), os.path.join(directory, STATE_NAME))
 
     def load(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
@@ -322,8 +348,3 @@ def _search(pattern: str, name: str) -> bool:
 
 def _example_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_prunable_module(m)][:6]
-
-
-def _normalised_magnitude(weight: torch.Tensor) -> torch.Tensor:
-    magnitude = weight.detach().abs().float()
-    return magnitude / magnitude.max().clamp_min(1e-12)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from .callbacks import PruningCallback, callback_for
+from .callbacks import PruningCallback
 from .config import PruningConfig
 from .finalize import model_card_section, pruned_structure, save_pruning_artifacts, write_model_card_section
 from .masks import sparsity_report
@@ -74,8 +74,7 @@ class PruningTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if any(isinstance(c, PruningCallback) or c is PruningCallback for c in callbacks):
             raise ValueError("PruningTrainer adds its own pruning callback; remove the hf_prune callback from `callbacks`.")
-        self.pruning_callback = callback_for(self.pruning_config)
-        self.pruning_callback.metrics_logged_by_trainer = True
+        self.pruning_callback = PruningCallback(self.pruning_config, managed_by_trainer=True)
         super().__init__(model=model, args=args, callbacks=callbacks + [self.pruning_callback], **kwargs)
         if self.pruning_callback.pruner is None and self.model is not None:
             self.pruning_callback.build(self.model)
@@ -141,8 +140,10 @@ class PruningTrainer(Trainer):
                 loss = loss + config.distillation_hidden_weight * hidden_state_loss(
                     outputs["hidden_states"], teacher_outputs["hidden_states"]
                 )
-        if self.pruning_config.method == "soft_movement" and model.training:
-            loss = loss + self.pruning_config.regularization_lambda * self.pruner.regularization()
+        if model.training:
+            term = self.pruner.loss()  # the criterion's own loss term (soft movement's regulariser), if any
+            if term is not None:
+                loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -141,7 +141,7 @@ def test_hf_argument_parser():
     (config,) = parser.parse_args_into_dataclasses(
         ["--method", "movement", "--target_sparsity", "0.8", "--targets", "a", "b"]
     )
-    assert isinstance(config, PruningConfig)
+    assert config == PruningConfig(method="movement", target_sparsity=0.8, targets=["a", "b"])
     assert config.method == "movement"
     assert config.target_sparsity == 0.8
     assert config.targets == ["a", "b"]

@@ -271,3 +271,30 @@ def test_sparsity_report_conv1d_shape_and_custom_targets():
     assert entry["shape"] == [128, 32]
     assert entry["zeros"] == 320
     assert report["zero_params"] == 320
+
+
+# ------------------------------------------------------------------------------- selection without a full sort
+@pytest.mark.parametrize("case", ["random", "ties", "pruned_minus_inf", "sorted_adversarial", "plus_inf"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.999])
+def test_sampled_selection_is_exact(monkeypatch, case, sparsity):
+    from hf_prune import masks
+
+    monkeypatch.setattr(masks, "DIRECT_SELECTION_LIMIT", 1000)  # force the sampling path on small tensors
+    generator = torch.Generator().manual_seed(0)
+    units = [torch.randn(n, generator=generator) for n in (3000, 517, 12000)]
+    if case == "ties":
+        units = [u.round() for u in units]  # a handful of distinct values, thousands of ties each
+    elif case == "pruned_minus_inf":
+        for u in units:
+            u[: u.numel() * 8 // 10] = float("-inf")
+    elif case == "sorted_adversarial":
+        units = [torch.sort(u).values for u in units]
+    elif case == "plus_inf":
+        for u in units:
+            u[1::2] = float("inf")  # what N:M gives the protected weights
+    pruned = masks.select_lowest(units, sparsity)
+    total = sum(u.numel() for u in units)
+    assert sum(int(p.sum()) for p in pruned) == int(round(sparsity * total))
+    flat, chosen = torch.cat(units), torch.cat(pruned)
+    # Nothing kept scores below anything pruned.
+    assert float(flat[chosen].max()) <= float(flat[~chosen].min())

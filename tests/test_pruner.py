@@ -13,15 +13,11 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 from transformers import BertForSequenceClassification
 
-import conftest
+from conftest import tiny_bert
 
 from hf_prune.config import PruningConfig
 from hf_prune.finalize import make_permanent
 from hf_prune.pruner import STATE_NAME, Pruner
-
-
-def tiny_bert() -> nn.Module:
-    return conftest.tiny_bert(num_labels=2)
 
 
 def batch(seed: int = 0, size: int = 4, length: int = 8) -> dict[str, torch.Tensor]:
@@ -38,7 +34,7 @@ def zeros_of(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------------ prune_to
 def test_global_scope_hits_target_and_ranks_globally():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(target_sparsity=0.7, scope="global"))
     original = {n: m.weight.detach().abs().clone() for n, m in pruner.modules.items()}
     pruner.prune_to(0.7)
@@ -55,7 +51,7 @@ def test_global_scope_hits_target_and_ranks_globally():
 
 
 def test_local_scope_hits_target_per_module():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(target_sparsity=0.6, scope="local"))
     pruner.prune_to(0.6)
     for name, module in pruner.modules.items():
@@ -74,7 +70,7 @@ def _override_sparsities(pruner: Pruner) -> tuple[list[float], float]:
 
 
 def test_sparsity_overrides_get_their_own_sparsity():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     config = PruningConfig(target_sparsity=0.8, sparsity_overrides={r"intermediate\.dense": 0.3})
     pruner = Pruner(model, config)
     assert set(pruner.override_of) == {f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)}
@@ -92,17 +88,17 @@ def test_sparsity_overrides_get_their_own_sparsity():
 @pytest.mark.parametrize("targets", [[r"no_such_module"], [r"encoder\.layer\.\d+\.", r"no_such_module"]])
 def test_targets_matching_nothing_raise(targets):
     with pytest.raises(ValueError, match="targets") as info:
-        Pruner(tiny_bert(), PruningConfig(targets=targets))
+        Pruner(tiny_bert(num_labels=2), PruningConfig(targets=targets))
     assert "no_such_module" in str(info.value)
 
 
 def test_override_matching_nothing_raises():
     with pytest.raises(ValueError, match="sparsity_overrides"):
-        Pruner(tiny_bert(), PruningConfig(sparsity_overrides={"no_such_module": 0.5}))
+        Pruner(tiny_bert(num_labels=2), PruningConfig(sparsity_overrides={"no_such_module": 0.5}))
 
 
 def test_update_follows_schedule():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(target_sparsity=0.5, warmup_fraction=0.1, cooldown_fraction=0.3,
                                          pruning_interval=2))
     with pytest.raises(RuntimeError):
@@ -122,7 +118,7 @@ def test_update_follows_schedule():
 
 def test_masks_are_monotone():
     # A weight pruned once stays pruned, even if its score later rises above the kept ones.
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(method="movement", target_sparsity=0.6))
     for name, module in pruner.modules.items():
         pruner.scores[name].copy_(torch.rand(module.weight.shape, generator=torch.Generator().manual_seed(1)))
@@ -137,7 +133,7 @@ def test_masks_are_monotone():
 
 
 def test_mask_update_clears_adam_state_of_pruned_weights():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(target_sparsity=0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     pruner.attach_optimizer(optimizer)
@@ -155,7 +151,7 @@ def test_mask_update_clears_adam_state_of_pruned_weights():
 
 # ------------------------------------------------------------------------------------------ training loop
 def _train_with_masks(autocast: bool) -> None:
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     model.train()
     pruner = Pruner(model, PruningConfig(target_sparsity=0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
@@ -201,7 +197,7 @@ def test_masks_hold_under_bf16_autocast():
 
 def test_without_after_optimizer_step_adam_revives_pruned_weights():
     # The control for the two tests above: Adam's moments do move zeroed weights.
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(target_sparsity=0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for seed in range(2):
@@ -217,7 +213,7 @@ def test_without_after_optimizer_step_adam_revives_pruned_weights():
 
 # ---------------------------------------------------------------------------------------------- movement
 def test_movement_scores_accumulate_minus_w_times_grad():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(method="movement", target_sparsity=0.5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = {n: torch.zeros_like(m.weight) for n, m in pruner.modules.items()}
@@ -241,7 +237,7 @@ def test_movement_scores_accumulate_minus_w_times_grad():
 
 # ------------------------------------------------------------------------------------------------- state
 def _pruned_movement_pair():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     dense_copy = copy.deepcopy(model)
     pruner = Pruner(model, PruningConfig(method="movement", target_sparsity=0.6))
     model(**batch(0)).loss.backward()
@@ -298,7 +294,7 @@ def test_save_load_round_trip(tmp_path):
 
 # ------------------------------------------------------------------------------------------ soft movement
 def test_soft_movement_scores_and_regularization():
-    model = tiny_bert()
+    model = tiny_bert(num_labels=2)
     pruner = Pruner(model, PruningConfig(method="soft_movement", target_sparsity=0.5))
     params = pruner.score_parameters()
     assert len(params) == len(pruner.modules) == 12
@@ -318,16 +314,24 @@ def test_soft_movement_scores_and_regularization():
 
 
 def test_soft_movement_score_gradient_from_training_step():
-    model = tiny_bert()
-    pruner = Pruner(model, PruningConfig(method="soft_movement", target_sparsity=0.5))
+    model = tiny_bert(num_labels=2)
+    pruner = Pruner(model, PruningConfig(method="soft_movement", target_sparsity=0.5, regularization_lambda=3.0))
     model(**batch(0)).loss.backward()
     pruner.before_optimizer_step()
     name, module = next(iter(pruner.modules.items()))
     score = pruner.scores[name]
-    torch.testing.assert_close(score.grad, module.weight.detach() * module.weight.grad)
-    pruner.after_optimizer_step()
-    assert all(p.grad is None for p in pruner.score_parameters())
-    assert Pruner(tiny_bert(), PruningConfig(method="magnitude")).score_parameters() == []
+    # Straight-through gradient W * dL/dW plus the regulariser's lambda * sigmoid'(S) / N in closed form.
+    sig = torch.sigmoid(score.detach())
+    expected = module.weight.detach() * module.weight.grad + 3.0 * sig * (1 - sig) / pruner.num_targeted
+    torch.testing.assert_close(score.grad, expected)
+    # The closed form is the autograd gradient of the loss term, whose value the trainer logs.
+    reference = score.detach().clone().requires_grad_(True)
+    scores = [reference if p is score else p.detach() for p in pruner.score_parameters()]
+    term = 3.0 * torch.stack([torch.sigmoid(s).sum() for s in scores]).sum() / pruner.num_targeted
+    (autograd,) = torch.autograd.grad(term, reference)
+    torch.testing.assert_close(score.grad - module.weight.detach() * module.weight.grad, autograd)
+    assert pruner.loss().item() == pytest.approx(term.item(), rel=1e-6)
+    assert Pruner(tiny_bert(num_labels=2), PruningConfig(method="magnitude")).score_parameters() == []
 
 
 # ------------------------------------------------------------------------------------------ make_permanent
@@ -341,7 +345,7 @@ class _MaskParametrization(nn.Module):
 
 
 def test_make_permanent_removes_wrappers(tmp_path):
-    model = tiny_bert().eval()
+    model = tiny_bert(num_labels=2).eval()
     plain_keys = set(model.state_dict())
     inputs = batch(0)["input_ids"]
     query = model.bert.encoder.layer[0].attention.self.query

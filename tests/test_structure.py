@@ -10,6 +10,21 @@ import pytest
 import torch
 import transformers
 
+from conftest import (
+    ARCHS,
+    GROUP,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    INTERMEDIATE,
+    build_model,
+    down_projection,
+    layers_of,
+    make_batches,
+    output_projection,
+    spread_weights,
+)
+
 from hf_prune.structure import (
     STRUCTURE_NAME,
     BiasOnly,
@@ -23,12 +38,6 @@ from hf_prune.structure import (
 )
 
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
-ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama"]
-HIDDEN = {"bert": 32, "roberta": 32, "distilbert": 32, "gpt2": 32, "llama": 48}
-HEADS = {"bert": 4, "roberta": 4, "distilbert": 4, "gpt2": 4, "llama": 6}
-GROUP = {"bert": 1, "roberta": 1, "distilbert": 1, "gpt2": 1, "llama": 2}  # query heads per key/value head
-INTERMEDIATE = {"bert": 64, "roberta": 64, "distilbert": 64, "gpt2": 64, "llama": 64}
-HEAD_DIM = 8
 # Partial removal in both layers (whole key/value groups for Llama: 6 query heads, 3 key/value heads).
 SOME_HEADS = {
     "bert": {0: [0, 2], 1: [1]},
@@ -40,96 +49,7 @@ SOME_HEADS = {
 SOME_NEURONS = {0: [0, 5, 7, 63], 1: list(range(0, 64, 2))}
 
 
-# ------------------------------------------------------------------------------------------------ tiny models
-def build_model(arch: str, seed: int = 0):
-    """Tiny model (hidden 32-48, 2 layers) of each architecture, in eval mode, dropout off."""
-    torch.manual_seed(seed)
-    common = dict(vocab_size=100, max_position_embeddings=64)
-    if arch == "bert":
-        config = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3, **common
-        )
-        model = transformers.BertForSequenceClassification(config)
-    elif arch == "roberta":
-        config = transformers.RobertaConfig(
-            vocab_size=100, max_position_embeddings=72, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, num_labels=3,
-        )
-        model = transformers.RobertaForSequenceClassification(config)
-    elif arch == "distilbert":
-        config = transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3, **common)
-        model = transformers.DistilBertForSequenceClassification(config)
-    elif arch == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0,
-        )
-        model = transformers.GPT2LMHeadModel(config)
-    elif arch == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, intermediate_size=64,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
-        )
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        raise ValueError(arch)
-    # Transformers' init (std 0.02, zero biases) makes every head nearly irrelevant to the logits; larger weights
-    # and non-zero biases make removed heads and the bias-only paths of emptied layers visible in the outputs.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.1)
-    return model.eval()
-
-
-def make_batches(arch: str, n: int = 2, batch_size: int = 3, length: int = 8, labels: bool = True, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        batch = {
-            "input_ids": torch.randint(3, 100, (batch_size, length), generator=generator),
-            "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
-        }
-        if labels and arch in ("bert", "roberta", "distilbert"):
-            batch["labels"] = torch.randint(0, 3, (batch_size,), generator=generator)
-        batches.append(batch)
-    return batches
-
-
-def layers_of(model, arch):
-    base = model.base_model
-    if arch == "gpt2":
-        return base.h
-    if arch == "llama":
-        return base.layers
-    if arch == "distilbert":
-        return base.transformer.layer
-    return base.encoder.layer
-
-
-def output_projection(layer, arch):
-    """The attention output projection in (out, in) layout."""
-    if arch == "gpt2":
-        return layer.attn.c_proj.weight.t()
-    if arch == "llama":
-        return layer.self_attn.o_proj.weight
-    if arch == "distilbert":
-        return layer.attention.out_lin.weight
-    return layer.attention.output.dense.weight
-
-
-def down_projection(layer, arch):
-    if arch == "gpt2":
-        return layer.mlp.c_proj.weight.t()
-    if arch == "llama":
-        return layer.mlp.down_proj.weight
-    if arch == "distilbert":
-        return layer.ffn.lin2.weight
-    return layer.output.dense.weight
-
-
+# ------------------------------------------------------------------------------------------------ reference helpers
 def masked_reference(model, arch, heads=None, neurons=None):
     """A copy of the unpruned model in which the given heads/neurons contribute nothing (zeroed output columns)."""
     reference = copy.deepcopy(model)
@@ -550,6 +470,9 @@ def test_load_pruned_rejects_weights_that_do_not_fit(tmp_path):
     structure.pop("heads_per_layer")
     structure["pruned_heads"] = {"0": [1, 2]}
     (tmp_path / STRUCTURE_NAME).write_text(json.dumps(structure))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("hf_prune_structure")  # the record in config.json would contradict the edited file first
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not fit.*shape mismatches"):
         load_pruned(str(tmp_path))
 
@@ -560,7 +483,10 @@ def test_load_pruned_rejects_unknown_arguments(tmp_path):
     with pytest.raises(TypeError, match="device_map"):
         load_pruned(str(tmp_path), device_map="auto")
     loaded = load_pruned(str(tmp_path), model_class=transformers.AutoModelForSequenceClassification)
-    assert isinstance(loaded, transformers.BertForSequenceClassification)
+    assert type(loaded) is transformers.BertForSequenceClassification
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
 
 
 def test_save_structure_json_content(tmp_path):
@@ -592,13 +518,7 @@ def test_other_llama_style_models(name, tmp_path):
         vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
         intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
-            elif param_name.endswith("bias"):
-                param.normal_(0, 0.1)
+    model = spread_weights(model_class(config)).eval()
     heads, neurons = {0: list(range(6)), 1: [2, 3]}, {1: list(range(10))}
     reference = masked_reference(model, "llama", heads, neurons)
     prune_heads(model, heads)

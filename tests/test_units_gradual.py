@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from conftest import tiny_bert, training_args
+from conftest import build_model, make_batches, tiny_bert, training_args
 from hf_prune import (
     HeadPruningCallback,
     PruningConfig,
@@ -36,7 +36,12 @@ def test_heads_and_neurons_are_removed_gradually_then_physically(tmp_path, class
     summary = structure_summary(trainer.model)
     assert sum(summary["heads_per_layer"]) == 4 and sum(summary["intermediate_sizes"]) == 64
     assert trainer.model.bert.encoder.layer[0].intermediate.dense.weight.shape[0] == summary["intermediate_sizes"][0]
-    trainer.evaluate(classification_data)  # the smaller model still runs inside the Trainer
+    # The smaller model still runs inside the Trainer: its eval loss is the loss of the pruned model on the data.
+    metrics = trainer.evaluate(classification_data)
+    batch = {k: torch.tensor(v) for k, v in classification_data[:].items()}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).loss
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_removal_gives_the_masked_models_outputs(classification_data):
@@ -46,7 +51,7 @@ def test_removal_gives_the_masked_models_outputs(classification_data):
     batch = {k: torch.tensor(v) for k, v in classification_data[:8].items()}
     model(**batch).loss.backward()  # gradients for the importance scores
     pruner.before_optimizer_step()
-    pruner.structured.prune_to(0.5, 0.5)
+    pruner.units.prune_to(0.5, 0.5)
     with torch.no_grad():
         masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     params_before = sum(p.numel() for p in model.parameters())
@@ -108,8 +113,8 @@ def test_structured_resume_ends_with_the_same_heads(tmp_path, classification_dat
     resumed = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path / "r", **args), pruning_config=config,
                              train_dataset=classification_data)
     resumed.train(resume_from_checkpoint=str(tmp_path / "r" / "checkpoint-7"))
-    assert resumed.pruner.structured.pruned_heads == full.pruner.structured.pruned_heads
-    assert resumed.pruner.structured.pruned_neurons == full.pruner.structured.pruned_neurons
+    assert resumed.pruner.units.pruned_heads == full.pruner.units.pruned_heads
+    assert resumed.pruner.units.pruned_neurons == full.pruner.units.pruned_neurons
 
 
 def test_structured_options_are_validated():
@@ -142,8 +147,6 @@ def test_one_shot_structured_pruning_of_a_trained_model(classification_data):
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "llama"])
 def test_training_time_masks_then_removal_on_every_architecture(arch):
-    from test_structure import build_model, make_batches
-
     model = build_model(arch)
     batch = make_batches(arch, n=1)[0]
     if "labels" not in batch:
@@ -160,7 +163,8 @@ def test_training_time_masks_then_removal_on_every_architecture(arch):
     with torch.no_grad():
         masked = model(**inputs).logits
     removed = pruner.finish()
-    assert removed["heads"] and removed["neurons"]
+    assert sum(map(len, removed["heads"].values())) == (4 if arch == "llama" else 2)
+    assert sum(map(len, removed["neurons"].values())) == 32
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, masked, rtol=0, atol=1e-5)
     summary = structure_summary(model)

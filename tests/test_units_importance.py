@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_structure import (
+from conftest import (
     ARCHS,
     GROUP,
     HEAD_DIM,
@@ -18,7 +18,7 @@ from test_structure import (
     output_projection,
 )
 
-from hf_prune.importance import (
+from hf_prune.units import (
     compute_head_importance,
     compute_neuron_importance,
     select_heads_to_prune,

@@ -5,10 +5,8 @@ MLP down projection) that carry it are held at zero, which removes its contribut
 parameter's shape, so the optimizer and checkpoints stay valid. When training ends the masked units are removed for
 real with `prune_heads` / `prune_ffn_neurons`, which gives the same outputs with smaller matrices.
 
-Importance comes for free from the training step: the gradient of a gate on a unit equals
-sum_{columns c of the unit} sum_o W[o, c] * dL/dW[o, c] of the projection that reads it, so its absolute value per
-step (first-order Taylor, Molchanov et al. 2019; Michel et al. 2019 use the same gate) is accumulated from weights
-and gradients that already exist, with no extra forward or backward pass.
+Importance is the `taylor` criterion, read off the projection weights and the gradients every training step already
+has, with no extra forward or backward pass.
 """
 
 from __future__ import annotations
@@ -18,27 +16,25 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import PruningConfig
-from .importance import select_heads_to_prune, select_neurons_to_prune
-from .masks import matrix_view
-from .structure import _head_group_size, _head_slots, _neuron_slots, prune_ffn_neurons, prune_heads
+from ..config import PruningConfig
+from ..linear import is_conv1d
+from ..optim import clear_optimizer_state
+from ..structure import head_group_size, head_slots, neuron_slots, prune_ffn_neurons, prune_heads
+from .base import normalize_per_layer
+from .selection import select_heads_to_prune, select_neurons_to_prune
+from .taylor import taylor_unit_scores
 
 
-def _normalised(scores: torch.Tensor) -> torch.Tensor:
-    # Per-layer L2 normalisation (Michel et al.): layers differ in gradient scale, ranking across them needs it.
-    return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-20)
-
-
-class StructuredPruner:
+class GradualUnitPruner:
     """Gradual removal of `config.head_sparsity` of the attention heads and `config.neuron_sparsity` of the FFN
     neurons of `model` (fractions of all heads / neurons, ranked across layers)."""
 
     def __init__(self, model: nn.Module, config: PruningConfig) -> None:
         self.model = model
         self.config = config
-        self.head_slots = _head_slots(model) if config.head_sparsity > 0 else []
-        self.neuron_slots = _neuron_slots(model) if config.neuron_sparsity > 0 else []
-        self.group_size = _head_group_size(model) if self.head_slots else 1
+        self.head_slots = head_slots(model) if config.head_sparsity > 0 else []
+        self.neuron_slots = neuron_slots(model) if config.neuron_sparsity > 0 else []
+        self.group_size = head_group_size(model) if self.head_slots else 1
         width = max((slot.total for slot in self.head_slots), default=0)
         self.head_scores = torch.zeros(len(self.head_slots), width)
         self.neuron_scores = {slot.layer_idx: torch.zeros(slot.total) for slot in self.neuron_slots}
@@ -56,8 +52,7 @@ class StructuredPruner:
                 weight = slot.module.weight
                 if weight.grad is None:
                     continue
-                per_column = (matrix_view(slot.module) * matrix_view(slot.module, weight.grad)).sum(dim=0).float()
-                per_unit = per_column.view(len(slot.kept), slot.unit_width).sum(dim=-1).abs().cpu()
+                per_unit = taylor_unit_scores(slot, weight.detach(), weight.grad).cpu()
                 row = self.head_scores[slot.layer_idx] if store is None else store[slot.layer_idx]
                 row[slot.kept] += per_unit
 
@@ -66,11 +61,11 @@ class StructuredPruner:
         """Mask the lowest-scoring units so that these fractions of all heads / neurons are gone (monotone)."""
         if self.head_slots and head_fraction > 0:
             self.pruned_heads = select_heads_to_prune(
-                _normalised(self.head_scores), head_fraction, already_pruned=self.pruned_heads,
+                normalize_per_layer(self.head_scores), head_fraction, already_pruned=self.pruned_heads,
                 group_size=self.group_size,
             )
         if self.neuron_slots and neuron_fraction > 0:
-            scores = {layer: _normalised(row) for layer, row in self.neuron_scores.items()}
+            scores = {layer: normalize_per_layer(row) for layer, row in self.neuron_scores.items()}
             self.pruned_neurons = select_neurons_to_prune(scores, neuron_fraction, already_pruned=self.pruned_neurons)
         self._build_column_masks()
         self.apply_masks()
@@ -88,7 +83,7 @@ class StructuredPruner:
 
     def _weight_mask(self, module: nn.Module, columns: torch.Tensor) -> torch.Tensor:
         # A broadcastable view: columns of the (out, in) matrix are rows of Conv1D's stored (in, out) weight.
-        return columns.view(-1, 1) if type(module).__name__ == "Conv1D" else columns.view(1, -1)
+        return columns.view(-1, 1) if is_conv1d(module) else columns.view(1, -1)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
@@ -103,13 +98,8 @@ class StructuredPruner:
 
     @torch.no_grad()
     def clear_optimizer_state(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        if optimizer is None:
-            return
         for module, columns in self.column_masks.items():
-            mask = self._weight_mask(module, columns)
-            for value in optimizer.state.get(module.weight, {}).values():
-                if torch.is_tensor(value) and value.shape == module.weight.shape:
-                    value.masked_fill_(mask, 0.0)
+            clear_optimizer_state(optimizer, module.weight, self._weight_mask(module, columns))
 
     # ----------------------------------------------------------------------------------------------- removal
     def remove(self) -> dict[str, dict[int, list[int]]]:
@@ -151,43 +141,3 @@ class StructuredPruner:
         self._build_column_masks()
         self.apply_masks()
 
-
-def prune_structured(
-    model: nn.Module,
-    dataloader,
-    head_sparsity: float = 0.0,
-    neuron_sparsity: float = 0.0,
-    method: str = "gradient",
-    max_batches: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, dict[int, list[int]]]:
-    """One-shot structured pruning of an already fine-tuned model: score, select across layers, remove.
-
-    Scores heads and neurons on `dataloader` (`compute_head_importance` / `compute_neuron_importance`), removes the
-    lowest `head_sparsity` of all heads and `neuron_sparsity` of all FFN neurons physically, in place. A short
-    recovery fine-tune afterwards (a few hundred steps, ideally distilled from the unpruned model) wins back most of
-    the loss (Kwon et al. 2022).
-
-    Returns:
-        {"heads": {layer: [original indices]}, "neurons": {layer: [original indices]}} that are gone.
-    """
-    from .importance import compute_head_importance, compute_neuron_importance
-
-    for name, value in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"prune_structured: {name}={value!r} is invalid: a fraction must lie in [0, 1).")
-    heads: dict[int, list[int]] = {}
-    neurons: dict[int, list[int]] = {}
-    if head_sparsity > 0:
-        importance = compute_head_importance(model, dataloader, method=method, max_batches=max_batches,
-                                             progress=progress)
-        heads = select_heads_to_prune(importance, head_sparsity, model=model)
-    if neuron_sparsity > 0:
-        importance = compute_neuron_importance(model, dataloader, method=method, max_batches=max_batches,
-                                               progress=progress)
-        neurons = select_neurons_to_prune(importance, neuron_sparsity, model=model)
-    if heads:
-        prune_heads(model, heads)
-    if neurons:
-        prune_ffn_neurons(model, neurons)
-    return {"heads": heads, "neurons": neurons}

@@ -21,10 +21,8 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .config import PruningConfig
-from .masks import sparsity_report
-from .metrics import compute_metrics
-from .trainer import PruningTrainer
+from .. import PruningConfig, PruningTrainer, sparsity_report
+from ..metrics import compute_metrics
 
 logger = logging.get_logger(__name__)
 
@@ -106,7 +104,7 @@ class JobData:
     """Model path, tokenizer and tokenized fixed split of a job, loaded once and shared by all arms."""
 
     def __init__(self, job: JobArguments) -> None:
-        from .data import LABELS, load_sentiment_splits, packaged_model_path, tokenize_splits
+        from .packaged import LABELS, load_sentiment_splits, packaged_model_path, tokenize_splits
 
         self.model_path = job.model_name_or_path or packaged_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -1,4 +1,5 @@
-"""The packaged model and sentiment data, loaded offline with one fixed split.
+"""The packaged demo model and sentiment data (a recipe: the library core never uses it), loaded offline with one
+fixed split.
 
 No machine this project runs on reaches the Hugging Face Hub, so the main job, the benchmarks and the notebooks use
 two assets that install from the package registry instead:

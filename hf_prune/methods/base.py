@@ -1,0 +1,132 @@
+"""The protocol of a weight-pruning criterion, and the table of registered ones.
+
+A criterion answers one question -- which weights of a layer matter -- and may need a little machinery for it:
+gradients read after every backward pass (movement), learnable scores that the optimizer steps and a loss term
+(soft movement). `Pruner` owns everything else (schedule, patterns, masks, exact top-k, checkpoints), so a new
+criterion is one small class in one file plus one `register_method` line, and it then works in `PruningTrainer`,
+in the plain callbacks and from `PruningConfig(method=...)` with no other change (the way peft registers its tuners).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # config imports this module to validate `method`; the reverse import is for type hints only
+    from ..config import PruningConfig
+
+
+class PruningMethod:
+    """Base class of a pruning criterion. Subclass it, override what the criterion needs, and register it.
+
+    Life cycle, driven by `Pruner`:
+
+    1. `__init__(config)` once per `Pruner`; `validate_config(config)` runs earlier, when `PruningConfig` is built.
+    2. `attach(modules)` with the targeted layers ({qualified name: nn.Linear or Conv1D}): allocate state here.
+    3. Every optimizer step, when `needs_gradients` is True: `on_gradients(names, weights, grads)` with the complete
+       gradients (after accumulation, before clipping and masking). Lists are aligned; only modules that received a
+       gradient are passed. Use batched `torch._foreach_*` ops: this runs on every step.
+    4. `after_optimizer_step()` once the optimizer has stepped (e.g. to clear gradients of learned scores).
+    5. At each scheduled pruning step: `scores(name, module)` for every targeted layer -- a float tensor of the
+       weight's stored shape, higher means keep. Pruned weights are ranked last by `Pruner` whatever they score.
+
+    Class attributes:
+        requires_trainer: the criterion adds a loss term or learnable parameters, which only `PruningTrainer` can
+            wire in (a plain `Trainer` with `PruningCallback` then refuses it with a message that says so).
+        needs_gradients: whether `on_gradients` must run every step.
+    """
+
+    name: ClassVar[str] = ""
+    requires_trainer: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False
+
+    def __init__(self, config: "PruningConfig") -> None:
+        self.config = config
+        self.modules: dict[str, nn.Module] = {}
+
+    @classmethod
+    def validate_config(cls, config: "PruningConfig") -> None:
+        """Raise ValueError (naming the option, the value and what is allowed) for settings this criterion rejects."""
+
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+
+    def on_gradients(self, names: Sequence[str], weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Read the complete gradients of one optimizer step (only called when `needs_gradients`)."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        """Importance of every weight of `module` in its stored layout, float32; higher means keep."""
+        raise NotImplementedError(f"{type(self).__name__} must implement scores(name, module).")
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Learnable tensors the optimizer must step (their learning rate: `PruningConfig.score_learning_rate`)."""
+        return []
+
+    def loss(self) -> Optional[torch.Tensor]:
+        """A term `PruningTrainer` adds to the training loss, or None."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this criterion exactly (tensors on any device)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+_REGISTRY: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(name: str, cls: Optional[type] = None, *, overwrite: bool = False):
+    """Register a `PruningMethod` subclass under `name`, so `PruningConfig(method=name)` selects it.
+
+    Works as a call, `register_method("taylor", TaylorMethod)`, or as a class decorator, `@register_method("taylor")`.
+    Re-registering a name raises unless `overwrite=True`. Returns the class.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_method: name={name!r} is invalid: give a non-empty string.")
+
+    def add(method_cls: type) -> type:
+        if not (isinstance(method_cls, type) and issubclass(method_cls, PruningMethod)):
+            raise TypeError(
+                f"register_method({name!r}, ...) takes a subclass of hf_prune.PruningMethod, got {method_cls!r}."
+            )
+        if name in _REGISTRY and _REGISTRY[name] is not method_cls and not overwrite:
+            raise ValueError(
+                f"register_method: a method named {name!r} is already registered ({_REGISTRY[name].__name__}); pass "
+                "overwrite=True to replace it."
+            )
+        method_cls.name = name
+        _REGISTRY[name] = method_cls
+        return method_cls
+
+    return add if cls is None else add(cls)
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered method (for tests and plugins that register temporarily)."""
+    _REGISTRY.pop(name, None)
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names of the registered pruning methods, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> type[PruningMethod]:
+    """The class registered under `name`; KeyError naming the registered ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"No pruning method {name!r} is registered; registered: {available_methods()}.") from None
+
+
+def same_dtype(*lists: list[torch.Tensor]) -> bool:
+    """Whether batched `torch._foreach_*` ops can take these lists (one dtype and one device throughout)."""
+    tensors = [t for group in lists for t in group]
+    return len({(t.dtype, t.device) for t in tensors}) <= 1

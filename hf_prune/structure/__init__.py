@@ -1,0 +1,55 @@
+"""Structural pruning: attention heads and FFN neurons removed physically, and the smaller models saved and reloaded.
+
+Unstructured zeros save nothing at inference; removing whole heads and FFN neurons shrinks the matrices themselves,
+so the model is smaller and faster in PyTorch and in ONNX Runtime alike.
+
+Numbering. Heads and neurons are always named by their index in the ORIGINAL, unpruned layer, as Transformers'
+`prune_heads` and `config.pruned_heads` do, so repeated calls compose: pruning head 3 of a layer that already lost
+head 1 removes the head that was number 3 in the checkpoint, and naming an already removed head again is a no-op.
+
+Architectures: BERT-style (BERT, RoBERTa, ...), DistilBERT, GPT-2 and Llama-style (Llama, Mistral, Qwen2, ...,
+grouped-query attention included), under Transformers 4.x and 5.x.
+
+Modules, one job each:
+    layout    where heads and neurons live per architecture (the public layer view)
+    slicing   slicing one Linear / Conv1D in place
+    standins  what replaces an attention or MLP block that lost all its heads or neurons
+    removal   `prune_heads`, `prune_ffn_neurons`
+    empty     `remove_empty_structures` (heads and neurons that are exactly zero)
+    summary   `structure_summary`
+    record    the structure record in `config.json`
+    io        `save_structure`, `save_pruned`, `load_pruned`
+"""
+
+from .empty import remove_empty_structures
+from .io import STRUCTURE_NAME, load_pruned, save_pruned, save_structure
+from .layout import NEURONS_ATTR, Layout, UnitSlot, find_layers, head_group_size, head_slots, neuron_slots
+from .record import CONFIG_ATTR, STRUCTURE_FORMAT_VERSION, record_structure
+from .removal import prune_ffn_neurons, prune_heads
+from .standins import BiasOnly, EmptyAttention, NoHeadsSelfAttention, ZeroWidth
+from .summary import structure_summary
+
+__all__ = [
+    "BiasOnly",
+    "CONFIG_ATTR",
+    "EmptyAttention",
+    "Layout",
+    "NEURONS_ATTR",
+    "NoHeadsSelfAttention",
+    "STRUCTURE_FORMAT_VERSION",
+    "STRUCTURE_NAME",
+    "UnitSlot",
+    "ZeroWidth",
+    "find_layers",
+    "head_group_size",
+    "head_slots",
+    "load_pruned",
+    "neuron_slots",
+    "prune_ffn_neurons",
+    "prune_heads",
+    "record_structure",
+    "remove_empty_structures",
+    "save_pruned",
+    "save_structure",
+    "structure_summary",
+]

@@ -1,0 +1,126 @@
+"""Heads and FFN neurons whose contribution is exactly zero, found and removed (what block or row/column movement
+pruning leaves behind; nn_pruning's `optimize_model`)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..linear import matrix_view
+from .layout import Layout, find_layers, get_module, group_size_of, head_dim_of, kept_heads_of, kept_neurons_of
+from .removal import prune_ffn_neurons, prune_heads
+from .slicing import in_width_of
+
+def _all_zero(tensor: Optional[torch.Tensor]) -> bool:
+    return tensor is None or not bool(tensor.any())
+
+
+def _value_projection(layout: Layout, layer: nn.Module) -> tuple[nn.Module, int]:
+    if layout.fused_qkv:
+        return get_module(layer, layout.fused_qkv), 2 * in_width_of(get_module(layer, layout.output))
+    return get_module(layer, layout.value), 0
+
+
+def _empty_heads(layout: Layout, layer: nn.Module) -> list[int]:
+    """Original indices of heads (whole groups under GQA) whose contribution to the layer output is exactly zero.
+
+    A head contributes nothing when its columns of the output projection are all zero, or when its value rows and
+    value bias are all zero (its context is then zero whatever the attention pattern). Zero queries or keys do not
+    qualify: they make the attention uniform, not absent.
+    """
+    kept = kept_heads_of(layout, layer)
+    if not kept:
+        return []
+    head_dim = head_dim_of(layout, layer)
+    out_w = matrix_view(get_module(layer, layout.output)).detach()
+    v_module, offset = _value_projection(layout, layer)
+    v_w = matrix_view(v_module).detach()
+    v_b = v_module.bias.detach() if v_module.bias is not None else None
+    group = group_size_of(layout, layer)
+
+    def value_zero(unit: int) -> bool:
+        rows = slice(offset + unit * head_dim, offset + (unit + 1) * head_dim)
+        return _all_zero(v_w[rows]) and (v_b is None or _all_zero(v_b[rows]))
+
+    def output_zero(pos: int) -> bool:
+        return _all_zero(out_w[:, pos * head_dim : (pos + 1) * head_dim])
+
+    empty = []
+    if group == 1:
+        for pos, head in enumerate(kept):
+            if output_zero(pos) or value_zero(pos):
+                empty.append(head)
+        return empty
+    kv_kept = sorted({h // group for h in kept})
+    for kv_pos, g in enumerate(kv_kept):
+        members = [(pos, h) for pos, h in enumerate(kept) if h // group == g]
+        if value_zero(kv_pos) or all(output_zero(pos) for pos, _ in members):
+            empty.extend(h for _, h in members)
+    return empty
+
+
+def _activation_is_zero_at_zero(activation: Any) -> bool:
+    try:
+        return bool(activation(torch.zeros(1)).abs().max() == 0)
+    except Exception:  # an activation we cannot evaluate on its own: do not rely on it
+        return False
+
+
+def _empty_neurons(layout: Layout, layer: nn.Module) -> list[int]:
+    """Original indices of FFN neurons whose contribution is exactly zero.
+
+    A neuron contributes nothing when its down-projection column is zero; or when its input row and bias are zero
+    and the activation maps 0 to 0 (ReLU, GELU, SiLU); in a gated MLP also when its up-projection row and bias are
+    zero (the product is then zero whatever the gate).
+    """
+    kept = kept_neurons_of(layout, layer)
+    if not kept:
+        return []
+    down = matrix_view(get_module(layer, layout.mlp_output)).detach()
+    zero = ~down.any(dim=0)
+
+    def input_zero(path: str) -> torch.Tensor:
+        module = get_module(layer, path)
+        rows_zero = ~matrix_view(module).detach().any(dim=1)
+        if module.bias is not None:
+            rows_zero &= module.bias.detach() == 0
+        return rows_zero
+
+    act_zero = _activation_is_zero_at_zero(get_module(layer, layout.activation))
+    if layout.gated:
+        gate_path, up_path = layout.mlp_inputs
+        zero |= input_zero(up_path)
+        if act_zero:
+            zero |= input_zero(gate_path)
+    elif act_zero:
+        zero |= input_zero(layout.mlp_inputs[0])
+    return [kept[pos] for pos in torch.nonzero(zero).flatten().tolist()]
+
+
+@torch.no_grad()
+def remove_empty_structures(model: nn.Module) -> dict[str, dict[int, list[int]]]:
+    """Find heads and FFN neurons whose contribution is exactly zero and remove them physically, in place.
+
+    What block or row/column movement pruning leaves behind (nn_pruning's `optimize_model`): the outputs are
+    unchanged up to float rounding, the matrices smaller. Only exact zeros count.
+
+    Returns:
+        {"heads": {layer: [original head indices removed]}, "neurons": {layer: [original neuron indices removed]}},
+        listing only layers where something was removed.
+    """
+    layout, layers = find_layers(model)
+    heads = {i: _empty_heads(layout, layer) for i, layer in enumerate(layers)}
+    neurons = {i: _empty_neurons(layout, layer) for i, layer in enumerate(layers)}
+    heads = {i: h for i, h in heads.items() if h}
+    neurons = {i: n for i, n in neurons.items() if n}
+    if heads:
+        prune_heads(model, heads)
+    if neurons:
+        prune_ffn_neurons(model, neurons)
+    return {"heads": heads, "neurons": neurons}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary, saving, loading

@@ -1,0 +1,222 @@
+"""Saving and reloading structurally pruned models.
+
+Transformers can rebuild a smaller model from its config alone only in one case: Transformers 4.x, head pruning of a
+model that implements `prune_heads`, no layer left without heads (`config.pruned_heads`). Then plain
+`AutoModelFor*.from_pretrained` reloads it. Every other case (FFN neurons, Transformers 5.x, which ignores
+`config.pruned_heads`, Llama-style models, layers without heads) needs `load_pruned`, which rebuilds the shapes from
+the structure record kept in `config.json` (`config.hf_prune_structure`, written by every `save_pretrained`), from
+`hf_prune_structure.json` (written by `save_structure`) and from `config.pruned_heads` when a 4.x checkpoint has it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+import transformers
+from torch import nn
+from transformers.utils import logging
+
+from ..files import atomic_write_text
+from .record import CONFIG_ATTR, STRUCTURE_FORMAT_VERSION, read_record
+from .removal import prune_ffn_neurons, prune_heads
+from .summary import int_keys, structure_summary
+
+logger = logging.get_logger(__name__)
+
+STRUCTURE_NAME = "hf_prune_structure.json"
+
+def save_structure(model: nn.Module, directory: str) -> str:
+    """Write `hf_prune_structure.json` (heads and neurons removed per layer, resulting sizes) into `directory`.
+
+    Call it next to `model.save_pretrained(directory)`; `load_pruned(directory)` reads it back. Returns its path.
+    """
+    from ..version import __version__
+
+    summary = structure_summary(model)
+    payload = {
+        "format_version": STRUCTURE_FORMAT_VERSION,
+        "hf_prune_version": __version__,
+        "transformers_version": transformers.__version__,
+        **summary,
+        "pruned_heads": {str(k): v for k, v in summary["pruned_heads"].items()},
+        "pruned_neurons": {str(k): v for k, v in summary["pruned_neurons"].items()},
+    }
+    return atomic_write_text(os.path.join(directory, STRUCTURE_NAME), json.dumps(payload, indent=2) + "\n")
+
+
+def save_pruned(model: nn.Module, directory: str, **save_pretrained_kwargs: Any) -> str:
+    """`model.save_pretrained(directory, ...)` plus `save_structure`.
+
+    Plain `save_pretrained` alone is enough for `load_pruned` (the structure is recorded in `config.json`); the JSON
+    file is a readable summary beside it.
+    """
+    model.save_pretrained(directory, **save_pretrained_kwargs)
+    return save_structure(model, directory)
+
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+_BUILD_KWARGS = ("dtype", "torch_dtype", "attn_implementation")
+
+
+def _resolve_directory(path_or_repo_id: str, hub_kwargs: dict) -> str:
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        path_or_repo_id, allow_patterns=["*.json", "*.safetensors"], **hub_kwargs
+    )
+
+
+def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(directory, shard)))
+        return state
+    raise FileNotFoundError(
+        f"hf_prune.load_pruned: no model.safetensors (or model.safetensors.index.json) in {directory!r}; save the "
+        "model with save_pretrained(..., safe_serialization=True)."
+    )
+
+
+def _model_class(config: Any, model_class: Optional[type]) -> type:
+    if model_class is not None:
+        return model_class
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise ValueError(
+        f"hf_prune.load_pruned: the config names no model class this Transformers version provides "
+        f"(architectures={architectures}); pass model_class=, e.g. AutoModelForSequenceClassification."
+    )
+
+
+def _load_state_strictly(model: nn.Module, state: dict[str, torch.Tensor], directory: str) -> None:
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    # Tied parameters (an LM head sharing the embedding) are saved once, under one of their names.
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    aliases = {name: names for names in names_of.values() for name in names}
+    missing = sorted(
+        k for k in set(expected) - set(state) if not any(alias in state for alias in aliases.get(k, []))
+    )
+    if unexpected or mismatched or missing:
+        recorded = os.path.isfile(os.path.join(directory, STRUCTURE_NAME)) or bool(getattr(model.config, CONFIG_ATTR, None))
+        details = [] if recorded else [f"no structure record found (neither {STRUCTURE_NAME} nor config.{CONFIG_ATTR})"]
+        if mismatched:
+            details.append(f"shape mismatches: {mismatched[:8]}")
+        if missing:
+            details.append(f"missing from the checkpoint: {missing[:8]}")
+        if unexpected:
+            details.append(f"not in the rebuilt model: {unexpected[:8]}")
+        raise ValueError(
+            f"hf_prune.load_pruned: the weights in {directory!r} do not fit the model rebuilt from its config and "
+            f"its structure record ({'; '.join(details)}). The record (config.{CONFIG_ATTR}, {STRUCTURE_NAME} or "
+            "config.pruned_heads) must describe these weights: save the pruned model with save_pretrained or "
+            "hf_prune.save_pruned after the heads and neurons were removed, and load with "
+            "the model class that was saved."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_pruned(
+    path_or_repo_id: str, model_class: Optional[type] = None, **from_pretrained_kwargs: Any
+) -> nn.Module:
+    """Load a structurally pruned checkpoint: rebuild the shapes, then load the weights strictly.
+
+    The model is built from `config.json` (class from `config.architectures` when `model_class` is None), the heads
+    and neurons recorded in `hf_prune_structure.json` and in `config.pruned_heads` (what Transformers 4.x writes,
+    which 5.x ignores) are removed, and the safetensors weights are loaded; any missing, unexpected or mis-shaped
+    tensor raises a ValueError. Works for checkpoints saved under Transformers 4.x and 5.x alike.
+
+    Args:
+        path_or_repo_id: a local directory or a Hub repo id.
+        model_class: a Transformers model class or Auto class; default from `config.architectures`.
+        from_pretrained_kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` (Hub);
+            `dtype` (or `torch_dtype`), `attn_implementation` (model).
+
+    Returns:
+        The model in eval mode, as `from_pretrained` returns it.
+    """
+    from transformers import AutoConfig
+
+    unknown = sorted(set(from_pretrained_kwargs) - set(_HUB_KWARGS) - set(_BUILD_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"hf_prune.load_pruned got unsupported arguments {unknown}; supported: {list(_HUB_KWARGS + _BUILD_KWARGS)}."
+        )
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
+    build_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _BUILD_KWARGS}
+    directory = _resolve_directory(str(path_or_repo_id), hub_kwargs)
+
+    config = AutoConfig.from_pretrained(directory)
+    structure_path = os.path.join(directory, STRUCTURE_NAME)
+    from_file: dict = {}
+    if os.path.isfile(structure_path):
+        try:
+            with open(structure_path, encoding="utf-8") as handle:
+                from_file = read_record(json.load(handle), structure_path)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"hf_prune.load_pruned: {structure_path} is not valid JSON ({err}).") from None
+    from_config = read_record(getattr(config, CONFIG_ATTR, None), f"{directory}/config.json ({CONFIG_ATTR})")
+    structure = {**from_config, **from_file}
+    heads: dict[int, list[int]] = {}
+    neurons: dict[int, list[int]] = {}
+    for source in (from_config, from_file, {"pruned_heads": int_keys(getattr(config, "pruned_heads", None) or {})}):
+        for layer, units in source.get("pruned_heads", {}).items():
+            heads[layer] = sorted(set(heads.get(layer, [])) | set(units))
+        for layer, units in source.get("pruned_neurons", {}).items():
+            neurons[layer] = sorted(set(neurons.get(layer, [])) | set(units))
+    if isinstance(getattr(config, "pruned_heads", None), dict):
+        # Build unpruned (4.x would otherwise apply config.pruned_heads itself, and crash on layers without heads);
+        # prune_heads below records them again.
+        config.pruned_heads = {}
+    if hasattr(config, CONFIG_ATTR):
+        delattr(config, CONFIG_ATTR)  # rebuilt from the model by prune_heads / prune_ffn_neurons below
+
+    cls = _model_class(config, model_class)
+    if cls.__name__.startswith("Auto"):
+        model = cls.from_config(config, **build_kwargs)
+    else:
+        model = cls._from_config(config, **build_kwargs)
+    prune_heads(model, heads)
+    prune_ffn_neurons(model, neurons)
+    if structure:
+        summary = structure_summary(model)
+        for key in ("heads_per_layer", "intermediate_sizes"):
+            if key in structure and structure[key] != summary[key]:
+                raise ValueError(
+                    f"hf_prune.load_pruned: the structure record of {directory!r} says {key}={structure[key]} but "
+                    f"rebuilding gave {summary[key]}; the structure record does not belong to this config."
+                )
+    # load_state_dict copies into the existing tensors, so tied parameters stay tied and dtypes follow the model.
+    _load_state_strictly(model, _read_safetensors(directory), directory)
+    generation_config = os.path.join(directory, "generation_config.json")
+    if getattr(model, "generation_config", None) is not None and os.path.isfile(generation_config):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.config._name_or_path = str(path_or_repo_id)
+    model.eval()
+    return model
+

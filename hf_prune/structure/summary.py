@@ -1,0 +1,74 @@
+"""What a model looks like after structural pruning, for logs, model cards and the saved structure record."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from torch import nn
+
+from .layout import (
+    find_layers,
+    group_size_of,
+    kept_heads_of,
+    kept_neurons_of,
+    native_prune_heads_available,
+    pruned_heads_of,
+    pruned_neurons_of,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def structure_summary(model: nn.Module) -> dict:
+    """The model's structure after pruning, for logs, model cards and `hf_prune_structure.json`.
+
+    Returns:
+        {"architecture", "num_layers", "num_attention_heads" (original, per layer), "heads_per_layer",
+        "pruned_heads" {layer: [original indices]}, "key_value_heads_per_layer", "head_group_size",
+        "intermediate_size" (original), "intermediate_sizes", "pruned_neurons" {layer: [original indices]},
+        "parameters", "loads_with_from_pretrained"}.
+    """
+    layout, layers = find_layers(model)
+    heads_per_layer, kv_per_layer, pruned_heads, sizes, pruned_neurons = [], [], {}, [], {}
+    original_heads = original_size = 0
+    for i, layer in enumerate(layers):
+        kept = kept_heads_of(layout, layer)
+        group = group_size_of(layout, layer)
+        heads_per_layer.append(len(kept))
+        kv_per_layer.append(len({h // group for h in kept}))
+        original_heads = max(original_heads, len(kept) + len(pruned_heads_of(layout, layer)))
+        if pruned_heads_of(layout, layer):
+            pruned_heads[i] = sorted(pruned_heads_of(layout, layer))
+        kept_neurons = kept_neurons_of(layout, layer)
+        sizes.append(len(kept_neurons))
+        original_size = max(original_size, len(kept_neurons) + len(pruned_neurons_of(layout, layer)))
+        if pruned_neurons_of(layout, layer):
+            pruned_neurons[i] = sorted(pruned_neurons_of(layout, layer))
+    loads_plainly = not pruned_neurons and (
+        not pruned_heads
+        or (native_prune_heads_available(model, layout) and all(heads_per_layer) and _config_matches(model, pruned_heads))
+    )
+    return {
+        "architecture": layout.name,
+        "num_layers": len(layers),
+        "num_attention_heads": original_heads,
+        "heads_per_layer": heads_per_layer,
+        "pruned_heads": pruned_heads,
+        "key_value_heads_per_layer": kv_per_layer,
+        "head_group_size": max(group_size_of(layout, layer) for layer in layers),
+        "intermediate_size": original_size,
+        "intermediate_sizes": sizes,
+        "pruned_neurons": pruned_neurons,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loads_with_from_pretrained": bool(loads_plainly),
+    }
+
+
+def _config_matches(model: nn.Module, pruned_heads: dict[int, list[int]]) -> bool:
+    recorded = int_keys(getattr(model.config, "pruned_heads", None) or {})
+    return {k: sorted(set(v)) for k, v in recorded.items() if v} == pruned_heads
+
+
+def int_keys(mapping: Mapping[Any, Iterable[int]]) -> dict[int, list[int]]:
+    return {int(k): sorted({int(i) for i in v}) for k, v in mapping.items()}
+

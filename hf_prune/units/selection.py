@@ -1,0 +1,116 @@
+"""Which heads and FFN neurons to remove: the lowest-scoring ones across all layers, whole key/value groups under
+grouped-query attention, already removed ones counted towards the fraction (so a growing fraction over a schedule
+removes units gradually)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..structure import structure_summary
+
+
+def select_units(
+    scores: dict[int, torch.Tensor],
+    fraction: float,
+    already: dict[int, set[int]],
+    group_size: int,
+    min_per_layer: int,
+    allow_remove_all: bool,
+    kind: str,
+) -> dict[int, list[int]]:
+    """Lowest-scoring units across all layers until `fraction` of all units is gone (already removed ones count)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"hf_prune: the fraction of {kind} to prune must be in [0, 1], got {fraction}.")
+    total_units = sum(len(s) for s in scores.values())
+    target_groups = int(round(fraction * total_units / group_size))
+    candidates = []  # (score, layer, group)
+    gone_groups = 0
+    for layer, row in scores.items():
+        if len(row) % group_size:
+            raise ValueError(
+                f"hf_prune: layer {layer} has {len(row)} {kind}, not a multiple of group_size={group_size}."
+            )
+        for g in range(len(row) // group_size):
+            members = range(g * group_size, (g + 1) * group_size)
+            if all(m in already.get(layer, set()) for m in members):
+                gone_groups += 1
+            else:
+                candidates.append((float(row[g * group_size : (g + 1) * group_size].sum()), layer, g))
+    live_per_layer: dict[int, int] = {}
+    for _, layer, _ in candidates:
+        live_per_layer[layer] = live_per_layer.get(layer, 0) + 1
+    budget = target_groups - gone_groups
+    if not allow_remove_all and budget >= len(candidates):
+        budget = len(candidates) - 1  # keep the single most important one in the whole model
+    result = {layer: set(units) for layer, units in already.items() if units}
+    floor = -(-min_per_layer // group_size)  # groups that must stay per layer
+    for _, layer, g in sorted(candidates):
+        if budget <= 0:
+            break
+        if live_per_layer[layer] <= floor:
+            continue
+        result.setdefault(layer, set()).update(range(g * group_size, (g + 1) * group_size))
+        live_per_layer[layer] -= 1
+        budget -= 1
+    return {layer: sorted(units) for layer, units in sorted(result.items()) if units}
+
+
+def select_heads_to_prune(
+    importance: torch.Tensor,
+    fraction: float,
+    *,
+    model: Optional[nn.Module] = None,
+    already_pruned: Optional[Mapping[int, Iterable[int]]] = None,
+    group_size: Optional[int] = None,
+    min_heads_per_layer: int = 0,
+    allow_remove_all: bool = False,
+) -> dict[int, list[int]]:
+    """The heads to be gone so that `fraction` of all heads is removed, lowest importance first, across layers.
+
+    Args:
+        importance: [num_layers, num_heads] from `compute_head_importance`.
+        fraction: target fraction of ALL original heads removed, already removed ones included (so a growing
+            fraction over a schedule removes heads gradually).
+        model: when given, `already_pruned` and `group_size` default to what the model records.
+        already_pruned: {layer: [original head indices]} already removed.
+        group_size: query heads that go together (grouped-query attention); groups are ranked by summed importance.
+        min_heads_per_layer: heads every layer keeps (0: a layer may lose all heads).
+        allow_remove_all: by default at least one head (group) stays in the model.
+
+    Returns:
+        {layer: sorted original head indices}, the complete set to be gone (already removed included); pass it to
+        `prune_heads`, which ignores the heads already removed.
+    """
+    if model is not None:
+        summary = structure_summary(model)
+        already_pruned = summary["pruned_heads"] if already_pruned is None else already_pruned
+        group_size = summary["head_group_size"] if group_size is None else group_size
+    scores = {layer: importance[layer].detach().float().cpu() for layer in range(importance.shape[0])}
+    already = {int(k): {int(h) for h in v} for k, v in (already_pruned or {}).items()}
+    return select_units(scores, fraction, already, group_size or 1, min_heads_per_layer, allow_remove_all, "heads")
+
+
+def select_neurons_to_prune(
+    importance: Mapping[int, torch.Tensor],
+    fraction: float,
+    *,
+    model: Optional[nn.Module] = None,
+    already_pruned: Optional[Mapping[int, Iterable[int]]] = None,
+    min_neurons_per_layer: int = 0,
+    allow_remove_all: bool = False,
+) -> dict[int, list[int]]:
+    """The FFN neurons to be gone so that `fraction` of all neurons is removed, lowest importance first, globally.
+
+    Same conventions as `select_heads_to_prune`: `importance` from `compute_neuron_importance`, original numbering,
+    already removed neurons count towards `fraction` and are part of the result, at least one neuron stays in the
+    model unless `allow_remove_all`.
+    """
+    if model is not None and already_pruned is None:
+        already_pruned = structure_summary(model)["pruned_neurons"]
+    scores = {int(layer): row.detach().float().cpu() for layer, row in importance.items()}
+    already = {int(k): {int(n) for n in v} for k, v in (already_pruned or {}).items()}
+    return select_units(scores, fraction, already, 1, min_neurons_per_layer, allow_remove_all, "neurons")
+
