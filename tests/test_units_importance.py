@@ -26,7 +26,7 @@ from hf_prune.units import (
 )
 from hf_prune.structure import prune_ffn_neurons, prune_heads, structure_summary
 
-METHODS = ["gradient", "activation"]
+METHODS = ["gradient", "activation", "taylor"]
 
 
 def snapshot(model):
@@ -235,3 +235,48 @@ def test_score_select_prune_end_to_end(arch):
     assert summary["parameters"] < before
     with torch.no_grad():
         model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_taylor_equals_gradient_on_single_examples(arch):
+    """The gate gradient of a unit is the sum of W * dL/dW over its columns: with one example per batch the two
+    criteria coincide; with more, |sum| <= sum of |.|, so Taylor never exceeds the per-example gradient score."""
+    model = build_model(arch).to(torch.float64)
+    single = make_batches(arch, n=2, batch_size=1)
+    gradient = compute_head_importance(model, single, normalize_layers=False, progress=False)
+    taylor = compute_head_importance(model, single, normalize_layers=False, method="taylor", progress=False)
+    torch.testing.assert_close(taylor, gradient, rtol=1e-6, atol=1e-12)
+    batched = make_batches(arch, n=2, batch_size=4)
+    gradient = compute_neuron_importance(model, batched, normalize_layers=False, progress=False)
+    taylor = compute_neuron_importance(model, batched, normalize_layers=False, method="taylor", progress=False)
+    for layer in gradient:
+        # (the LM loss is computed in float32, so allow float32 rounding relative to the layer's largest score)
+        assert bool((taylor[layer] <= gradient[layer] + 1e-5 * gradient[layer].max()).all())
+        assert float(taylor[layer].sum()) < float(gradient[layer].sum())  # cancellations across examples
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_a_registered_unit_criterion_is_used_by_name():
+    from hf_prune import available_unit_criteria, register_unit_criterion
+    from hf_prune.units import UnitCriterion, unregister_unit_criterion
+
+    class FirstUnitsFirst(UnitCriterion):
+        """Scores unit i of every layer as total - i: a ranking no data-driven criterion would give."""
+
+        def run_batch(self, model, batch, live, state, totals):
+            for slot in live:
+                totals[slot.layer_idx][slot.kept] += torch.tensor(
+                    [float(slot.total - u) for u in slot.kept], device=totals[0].device
+                )
+
+    register_unit_criterion("first_units_first", FirstUnitsFirst)
+    try:
+        assert "first_units_first" in available_unit_criteria()
+        model = build_model("bert")
+        scores = compute_head_importance(model, make_batches("bert"), normalize_layers=False,
+                                         method="first_units_first", progress=False)
+        torch.testing.assert_close(scores, torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 2))
+        with pytest.raises(ValueError, match="method='nope'.*first_units_first"):
+            compute_head_importance(model, make_batches("bert"), method="nope", progress=False)
+    finally:
+        unregister_unit_criterion("first_units_first")

@@ -6,7 +6,13 @@ The physical removal itself is `hf_prune.structure`'s job.
 """
 
 from . import activation, gradient, taylor  # noqa: F401  (registers the built-in criteria)
-from .base import UnitCriterion, available_unit_criteria, normalize_per_layer, register_unit_criterion
+from .base import (
+    UnitCriterion,
+    available_unit_criteria,
+    normalize_per_layer,
+    register_unit_criterion,
+    unregister_unit_criterion,
+)
 from .gradual import GradualUnitPruner
 from .oneshot import compute_head_importance, compute_neuron_importance, prune_structured
 from .selection import select_heads_to_prune, select_neurons_to_prune
@@ -22,4 +28,5 @@ __all__ = [
     "register_unit_criterion",
     "select_heads_to_prune",
     "select_neurons_to_prune",
+    "unregister_unit_criterion",
 ]

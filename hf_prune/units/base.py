@@ -53,6 +53,11 @@ def register_unit_criterion(name: str, cls: type, *, overwrite: bool = False) ->
     return cls
 
 
+def unregister_unit_criterion(name: str) -> None:
+    """Remove a registered unit criterion (for tests and plugins that register temporarily)."""
+    _REGISTRY.pop(name, None)
+
+
 def available_unit_criteria() -> tuple[str, ...]:
     """Names of the registered head/neuron importance criteria."""
     return tuple(_REGISTRY)
