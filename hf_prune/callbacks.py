@@ -15,7 +15,7 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.utils import logging
 
 from .config import PruningConfig
-from .finalize import save_pruning_artifacts
+from .finalize import carry_artifacts
 from .methods import get_method
 from .pruner import STATE_NAME, Pruner
 
@@ -58,6 +58,8 @@ class PruningCallback(TrainerCallback):
     def build(self, model) -> Pruner:
         if self.pruner is None or self.pruner.model is not model:
             self.pruner = Pruner(model, self.config)
+            # Every save of this model (save_model, checkpoints, push_to_hub) then carries the pruning artifacts.
+            carry_artifacts(model, self.config)
         return self.pruner
 
     # Building at the end of Trainer.__init__ makes bad targets or patterns fail before training starts.
@@ -97,8 +99,7 @@ class PruningCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         directory = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(directory):
-            self.pruner.save(directory)
-            save_pruning_artifacts(directory, self.pruner.model, self.config, write_card=False)
+            self.pruner.save(directory)  # the artifacts came with the checkpoint's save_pretrained
 
     def on_train_end(self, args, state, control, **kwargs):
         removed = self.pruner.finish()

@@ -126,8 +126,7 @@ def _export(argv: Sequence[str]) -> int:
     if result.optimization:
         print(f"  graph optimisation: requested {result.optimization['requested']}, applied "
               f"{result.optimization['applied']}")
-    for note in result.notes:
-        print(f"  note: {note}")
+    # The notes were logged once by export_onnx already (and are in hf_prune_export.json): not printed twice.
     return 0
 
 

@@ -31,6 +31,7 @@ import platform
 import shutil
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -601,7 +602,12 @@ def _export_fp32(model: nn.Module, staging: Path, task: str, opset: Optional[int
     from optimum.exporters.onnx import onnx_export_from_model
 
     try:
-        onnx_export_from_model(model, staging, task=task, opset=opset, do_validation=False, no_post_process=True)
+        with warnings.catch_warnings():
+            # The tracer warns that Python values in Transformers' masking code become constants of the graph. That
+            # would be a problem only if the graph then failed on other shapes, and export_onnx checks exactly that:
+            # the verification runs ONNX Runtime on batches of another size and length than the trace used.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            onnx_export_from_model(model, staging, task=task, opset=opset, do_validation=False, no_post_process=True)
     except Exception as err:  # the exporter raises many types; report them as one
         raise ExportError(f"Optimum's ONNX exporter failed for task={task!r}: {type(err).__name__}: {err}") from err
     if not (staging / ONNX_FILE).is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from typing import Optional
 
 from torch import nn
@@ -24,6 +25,8 @@ REPORT_NAME = "sparsity_report.json"
 CARD_NAME = "README.md"
 CARD_BEGIN = "<!-- hf_prune:begin -->"
 CARD_END = "<!-- hf_prune:end -->"
+# Hub tags every pruned model carries (plus its method), so hf_prune models are findable on the Hub.
+MODEL_TAGS = ("hf_prune", "pruning")
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -118,7 +121,7 @@ def write_model_card_section(directory: str, section: str) -> str:
     elif existing:
         text = existing.rstrip("\n") + "\n\n" + section
     else:
-        text = "---\nlibrary_name: transformers\ntags:\n- hf_prune\n- pruning\n---\n\n" + section
+        text = "---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {t}\n" for t in MODEL_TAGS) + "---\n\n" + section
     atomic_write_text(path, text)
     return path
 
@@ -137,3 +140,33 @@ def save_pruning_artifacts(
     if write_card:
         write_model_card_section(directory, model_card_section(config, report, structure))
     return report
+
+
+def model_tags(config: PruningConfig) -> list[str]:
+    """The Hub tags of a model pruned with `config`: hf_prune, pruning and the method."""
+    return [*MODEL_TAGS, config.method]
+
+
+def _save_pretrained_with_artifacts(self, save_directory, *args, **kwargs):
+    # Bound to one model instance by `carry_artifacts`; the class's own save_pretrained does the saving.
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        save_pruning_artifacts(str(save_directory), self, self.hf_prune_config)
+    return result
+
+
+def carry_artifacts(model: nn.Module, config: PruningConfig) -> None:
+    """Make every `model.save_pretrained(directory)` also write the pruning artifacts into that directory, and tag the
+    model for the Hub.
+
+    Trainer saves through `model.save_pretrained` in `save_model`, in checkpoints and in `push_to_hub`, so a plain
+    `Trainer` with a pruning callback writes `pruning_config.json`, `sparsity_report.json` and the model-card section
+    wherever it saves, as `PruningTrainer` does. Only this instance changes (a bound method, which `copy.deepcopy`
+    rebinds to the copy); models without `save_pretrained` are left alone.
+    """
+    if not hasattr(type(model), "save_pretrained"):
+        return
+    model.hf_prune_config = config
+    model.save_pretrained = types.MethodType(_save_pretrained_with_artifacts, model)
+    if hasattr(model, "add_model_tags"):
+        model.add_model_tags(model_tags(config))

@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .callbacks import PruningCallback
 from .config import PruningConfig
-from .finalize import model_card_section, pruned_structure, save_pruning_artifacts, write_model_card_section
+from .finalize import model_card_section, pruned_structure, write_model_card_section
 from .masks import sparsity_report
 from .pruner import Pruner
 
@@ -154,11 +154,10 @@ class PruningTrainer(Trainer):
 
     # --------------------------------------------------------------------------------------------------- saving
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """Standard checkpoint (zeros in place) plus `pruning_config.json`, `sparsity_report.json`, model card."""
+        """Standard checkpoint (zeros in place) plus `pruning_config.json`, `sparsity_report.json`, model card (written
+        by the model's save_pretrained, see `hf_prune.finalize.carry_artifacts`)."""
         self.pruner.apply_masks()
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
-            save_pruning_artifacts(output_dir or self.args.output_dir, self.model, self.pruning_config)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # Trainer's card replaces README.md (push_to_hub writes it after save_model): put our section back.

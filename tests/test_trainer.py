@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
-from conftest import tiny_bert, training_args
+from conftest import random_classification_data, tiny_bert, training_args
 from hf_prune import (
     MagnitudePruningCallback,
     MovementPruningCallback,
@@ -332,3 +332,40 @@ def test_structured_patterns_through_the_trainer(tmp_path, classification_data, 
         else:
             assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2), name
     assert sparsity_report(trainer.model)["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------- artifacts and tags on every save
+def test_plain_trainer_with_a_callback_saves_artifacts_everywhere_and_tags_the_model(tmp_path):
+    import copy
+    import json
+
+    from transformers import Trainer
+
+    from hf_prune import MagnitudePruningCallback
+
+    model = tiny_bert()
+    config = PruningConfig(target_sparsity=0.5, warmup_fraction=0.0, cooldown_fraction=0.0)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "out", max_steps=4, save_strategy="steps",
+                                                      save_steps=4),
+                      train_dataset=random_classification_data(), callbacks=[MagnitudePruningCallback(config)])
+    trainer.train()
+    elsewhere = tmp_path / "elsewhere"
+    trainer.save_model(str(elsewhere))
+    for directory in (elsewhere, tmp_path / "out" / "checkpoint-4"):
+        assert PruningConfig.from_pretrained(str(directory)) == config
+        report = json.loads((directory / "sparsity_report.json").read_text())
+        assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+        assert "## Pruning (hf_prune)" in (directory / "README.md").read_text()
+    assert {"hf_prune", "pruning", "magnitude"} <= set(model.model_tags)
+    # Trainer.push_to_hub passes model.model_tags to its model card: what it would upload carries them.
+    trainer.create_model_card(model_name="tiny", tags=list(model.model_tags))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- hf_prune" in card and "- pruning" in card and "- magnitude" in card
+    # A deep copy saves itself, not the original.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        next(twin.parameters()).add_(1.0)
+    twin.save_pretrained(str(tmp_path / "twin"))
+    reloaded = type(model).from_pretrained(str(tmp_path / "twin"))
+    assert torch.equal(next(reloaded.parameters()), next(twin.parameters()))
+    assert (tmp_path / "twin" / "pruning_config.json").is_file()
