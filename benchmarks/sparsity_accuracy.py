@@ -16,6 +16,7 @@ Writes JSON and Markdown (mean and per-seed accuracy and macro-F1) to benchmarks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -27,9 +28,10 @@ from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_prune import PruningConfig, PruningTrainer, make_permanent
-from hf_prune.recipes.job import JobData, score_arm, train_dense, training_arguments
+from hf_prune.job import JobData, arm_training_arguments, score_arm, train_dense
 from hf_prune.masks import find_target_modules
 from hf_prune.metrics import compute_metrics
+from hf_prune.recipes.packaged import job_splits, packaged_model_path
 from hf_prune.schedules import SparsitySchedule
 
 
@@ -76,12 +78,18 @@ def main(argv=None) -> int:
 
     arms_config = {}
     for path in args.configs:
-        job, config = parse_train_args(["--config", path, "--max_steps", str(args.max_steps)])
-        arms_config[os.path.splitext(os.path.basename(path))[0]] = (job, config)
-    base_job = next(iter(arms_config.values()))[0]
-    job_data = JobData(base_job)
+        parsed = parse_train_args(["--config", path, "--max_steps", str(args.max_steps),
+                                   "--model_name_or_path", packaged_model_path()])
+        arms_config[os.path.splitext(os.path.basename(path))[0]] = (parsed.job, parsed.pruning, parsed.training)
+    base_job, _, base_training = next(iter(arms_config.values()))
+    job_data = JobData(base_job, parse_train_args(["--config", args.configs[0]]).data, *job_splits())
     data = job_data.data
     baseline_config = PruningConfig(method="magnitude", target_sparsity=next(iter(arms_config.values()))[1].target_sparsity)
+
+    def arm_args(training, name: str, seed: int, learning_rate=None):
+        """An arm's TrainingArguments under --workdir: the config's settings, this seed, WORKDIR/NAME-SEED."""
+        return arm_training_arguments(dataclasses.replace(training, output_dir=args.workdir), f"{name}-{seed}",
+                                      learning_rate=learning_rate, seed=seed)
 
     results: dict = {"settings": vars(args), "arms": {}}
 
@@ -97,36 +105,35 @@ def main(argv=None) -> int:
                 raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value.")
             dense = Trainer(
                 model=AutoModelForSequenceClassification.from_pretrained(args.dense_path),
-                args=training_arguments(base_job, os.path.join(args.workdir, f"dense-{seed}"), seed),
+                args=arm_args(base_training, "dense", seed),
                 compute_metrics=compute_metrics,
             )
         else:
-            dense = train_dense(base_job, job_data, os.path.join(args.workdir, f"dense-{seed}"), seed)
-        record("dense", seed, score_arm(dense, data, baseline_config, time.perf_counter() - start))
+            dense = train_dense(job_data, arm_args(base_training, "dense", seed))
+        record("dense", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
 
         for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_job.learning_rate]:
             start = time.perf_counter()
-            baseline_args = training_arguments(base_job, os.path.join(args.workdir, f"baseline-{seed}"), seed)
-            baseline_args.learning_rate = learning_rate
+            baseline_args = arm_args(base_training, "baseline", seed, learning_rate)
             trainer = Trainer(
                 model=job_data.fresh_model(seed), args=baseline_args, train_dataset=data["train"],
                 compute_metrics=compute_metrics, callbacks=[TorchPruneBaseline(baseline_config)],
             )
             trainer.train()
             name = f"torch_prune_baseline (lr {learning_rate:g})"
-            record(name, seed, score_arm(trainer, data, baseline_config, time.perf_counter() - start))
+            record(name, seed, score_arm(trainer, data["test"], baseline_config, time.perf_counter() - start))
 
-        for name, (job, config) in arms_config.items():
+        for name, (job, config, training) in arms_config.items():
             start = time.perf_counter()
             trainer = PruningTrainer(
                 model=job_data.fresh_model(seed),
-                args=training_arguments(job, os.path.join(args.workdir, f"{name}-{seed}"), seed, pruned=True),
+                args=arm_args(training, name, seed, job.pruning_learning_rate),
                 pruning_config=config,
                 teacher_model=dense.model if job.distill else None,
                 train_dataset=data["train"], compute_metrics=compute_metrics,
             )
             trainer.train()
-            record(name, seed, score_arm(trainer, data, config, time.perf_counter() - start))
+            record(name, seed, score_arm(trainer, data["test"], config, time.perf_counter() - start))
 
     summary = {}
     for name, per_seed in results["arms"].items():

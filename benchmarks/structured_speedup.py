@@ -25,8 +25,10 @@ from transformers import AutoModelForSequenceClassification, default_data_collat
 
 from hf_prune import PruningConfig, PruningTrainer, prune_structured, save_pruned, structure_summary
 from hf_prune.benchmark import encoder_flops
-from hf_prune.recipes.job import JobArguments, JobData, train_dense, training_arguments
+from hf_prune.cli import parse_train_args
+from hf_prune.job import JobData, arm_training_arguments, train_dense
 from hf_prune.metrics import compute_metrics
+from hf_prune.recipes.packaged import job_splits, packaged_model_path
 
 
 @torch.no_grad()
@@ -61,17 +63,20 @@ def main(argv=None) -> int:
                         help="save each pruned arm with save_pruned to WORKDIR/recover-HEADS-NEURONS/model (for `hf-prune benchmark`)")
     args = parser.parse_args(argv)
 
-    job = JobArguments(output_dir=args.workdir, max_steps=args.recovery_steps, logging_steps=50,
-                       learning_rate=args.learning_rate, seed=args.seed)
+    # The job's recipe defaults (`hf-prune train`), with the recovery's steps, learning rate and seed.
+    recovery = parse_train_args(["--output_dir", args.workdir, "--max_steps", str(args.recovery_steps),
+                                 "--logging_steps", "50", "--learning_rate", str(args.learning_rate),
+                                 "--seed", str(args.seed), "--model_name_or_path", packaged_model_path()])
     neuron_fractions = args.neuron_fractions or args.fractions
     if len(neuron_fractions) != len(args.fractions):
         parser.error("--neuron_fractions needs one value per --fractions value")
-    job_data = JobData(job)
+    job_data = JobData(recovery.job, recovery.data, *job_splits())
     data = job_data.data
     if args.dense_path:
         dense = AutoModelForSequenceClassification.from_pretrained(args.dense_path)
     else:
-        dense = train_dense(JobArguments(output_dir=args.workdir), job_data, os.path.join(args.workdir, "dense")).model
+        dense_job = parse_train_args(["--output_dir", args.workdir])  # the main job's dense arm
+        dense = train_dense(job_data, arm_training_arguments(dense_job.training, "dense")).model
     dense.eval()
     calibration = DataLoader(data["train"].with_format("torch"), batch_size=32, shuffle=True,
                              generator=torch.Generator().manual_seed(0), collate_fn=default_data_collator)
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
                              max_batches=args.calibration_batches, progress=False)
         trainer = PruningTrainer(
             model=model,
-            args=training_arguments(job, os.path.join(args.workdir, f"recover-{fraction}-{neuron_fraction}")),
+            args=arm_training_arguments(recovery.training, f"recover-{fraction}-{neuron_fraction}"),
             pruning_config=PruningConfig(target_sparsity=0.0, distillation_alpha=0.9,
                                          distillation_hidden_weight=args.hidden_distillation_weight),
             teacher_model=dense,

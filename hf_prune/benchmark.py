@@ -13,7 +13,7 @@ arm at best; scattered zeros do not change it, since no CPU kernel skips them.
 
 Accuracy and macro-F1 are scored on any labelled data: a `datasets.Dataset` given to `run_benchmark`, or a
 CSV / JSON / JSON Lines / Parquet file (`BenchmarkArguments.eval_file`), with one text column (or two, for sentence
-pairs) and a label column. Labels are class ids of the baseline checkpoint (`config.num_labels` classes), or label
+pairs) and a label column (files, columns and the Hub come through `hf_prune.data`, as in `hf-prune train`). Labels are class ids of the baseline checkpoint (`config.num_labels` classes), or label
 names that its `config.label2id` maps to ids. The timed batches are the first rows of the same data.
 
     from hf_prune.benchmark import BenchmarkArguments, run_benchmark
@@ -40,6 +40,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .data import DATA_FILE_TYPES, check_data_file, check_label_column, class_value, load_data_file
+from .data import parse_text_columns, resolve_text_columns
 from .files import atomic_write_text
 from .masks import sparsity_report
 from .metrics import classification_metrics
@@ -48,11 +50,7 @@ from .structure import load_pruned, structure_summary
 logger = logging.get_logger(__name__)
 
 RUNTIMES = ("pytorch", "onnxruntime")
-# File suffix -> `datasets.load_dataset` builder (and its extra arguments).
-EVAL_FILE_TYPES = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
-                   ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
-# Text columns tried, in order, when `text_columns` is not given.
-DEFAULT_TEXT_COLUMNS = (("text",), ("sentence",), ("sentence1", "sentence2"))
+EVAL_FILE_TYPES = DATA_FILE_TYPES  # file suffix -> `datasets.load_dataset` builder (hf_prune.data)
 
 
 @dataclass
@@ -111,18 +109,10 @@ class BenchmarkArguments:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be a positive integer.")
         if self.eval_file is not None:
-            if Path(self.eval_file).suffix.lower() not in EVAL_FILE_TYPES:
-                raise ValueError(f"eval_file={self.eval_file!r} is not a {'/'.join(EVAL_FILE_TYPES)} file.")
-            if not os.path.isfile(self.eval_file):
-                raise ValueError(f"eval_file={self.eval_file!r} does not exist.")
-        if isinstance(self.text_columns, str):
-            self.text_columns = self.text_columns.split(",")
-        if self.text_columns is not None:
-            self.text_columns = [c.strip() for c in self.text_columns]
-            if len(self.text_columns) not in (1, 2) or not all(self.text_columns):
-                raise ValueError(f"text_columns={self.text_columns!r} must name one column, or two for sentence pairs.")
+            check_data_file(self.eval_file, "eval_file")
+        self.text_columns = parse_text_columns(self.text_columns)
         if not self.label_column:
-            raise ValueError("label_column is empty: name the column that holds the labels.")
+            raise ValueError("--label_column is empty: name the column that holds the labels.")
 
 
 def encoder_flops(model: nn.Module, seq_len: int) -> int:
@@ -192,32 +182,12 @@ def _safetensors_bytes(directory: str) -> int:
 
 def load_eval_file(path: str) -> datasets.Dataset:
     """A .csv, .tsv, .json, .jsonl or .parquet file as one `datasets.Dataset` (through `datasets.load_dataset`)."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in EVAL_FILE_TYPES:
-        raise ValueError(f"eval_file {path!r} is not a {'/'.join(EVAL_FILE_TYPES)} file.")
-    builder, kwargs = EVAL_FILE_TYPES[suffix]
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-
-
-def _text_columns(dataset: datasets.Dataset, text_columns: Optional[Sequence[str]]) -> list[str]:
-    columns = list(dataset.column_names)
-    if text_columns is None:
-        for candidate in DEFAULT_TEXT_COLUMNS:
-            if set(candidate) <= set(columns):
-                return list(candidate)
-        raise ValueError(f"The eval data has no `text`, `sentence` or `sentence1`/`sentence2` column (it has "
-                         f"{columns}); name the text column(s) with text_columns (--text_columns).")
-    missing = [c for c in text_columns if c not in columns]
-    if missing:
-        raise ValueError(f"text_columns {missing} not in the eval data; its columns are {columns}.")
-    return list(text_columns)
+    return load_data_file(path, "eval_file")
 
 
 def label_ids(dataset: datasets.Dataset, label_column: str, config: Any) -> np.ndarray:
     """Class ids of the baseline model for the labels in `label_column` (ids, or names in `config.label2id`)."""
-    if label_column not in dataset.column_names:
-        raise ValueError(f"label_column {label_column!r} not in the eval data; its columns are "
-                         f"{list(dataset.column_names)}.")
+    check_label_column(dataset, label_column, "the eval data")
     num_labels = config.num_labels
     label2id = dict(getattr(config, "label2id", None) or {})
     feature = dataset.features[label_column]
@@ -227,20 +197,19 @@ def label_ids(dataset: datasets.Dataset, label_column: str, config: Any) -> np.n
         values = [feature.names[v] if 0 <= v < len(feature.names) else v for v in values]
     ids = []
     for row, value in enumerate(values):
-        if isinstance(value, str):
-            if value not in label2id:
+        key = class_value(value)  # strings stay; whole numbers (also 1.0 and bools) become int
+        if isinstance(key, str):
+            if key not in label2id:
                 raise ValueError(f"Label {value!r} (row {row}, column {label_column!r}) is not a label of the baseline "
                                  f"model; its config.label2id knows {sorted(label2id)}.")
-            value = label2id[value]
-        elif isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            key = int(label2id[key])
+        if key is None:
             raise ValueError(f"Label {value!r} (row {row}, column {label_column!r}) is neither a class id nor a label "
                              "name; only classification labels can be scored.")
-        if not 0 <= value < num_labels:
+        if not 0 <= key < num_labels:
             raise ValueError(f"Label {value!r} (row {row}, column {label_column!r}) is out of range: the baseline "
                              f"model has config.num_labels={num_labels}, so class ids lie in 0..{num_labels - 1}.")
-        ids.append(int(value))
+        ids.append(key)
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -268,7 +237,7 @@ def _eval_data(tokenizer: Any, config: Any, args: BenchmarkArguments,
         return _encode(tokenizer, [texts], args.seq_len), np.zeros(0, np.int64), {"timing_inputs": "synthetic"}
     if len(dataset) == 0:
         raise ValueError("The eval data has no rows.")
-    columns = _text_columns(dataset, args.text_columns)
+    columns = resolve_text_columns(dataset, args.text_columns, "the eval data")
     n_scored = min(args.eval_size, len(dataset))
     if n_scored < args.eval_size:
         logger.warning(f"hf_prune: eval_size={args.eval_size} but the eval data has {len(dataset)} rows; scoring all.")

@@ -1,24 +1,69 @@
 """`hf-prune` command line: parses, then calls the modules that do the work.
 
     hf-prune train --config configs/default.yaml --target_sparsity 0.8 --max_steps 100
+    hf-prune train --model_name_or_path bert-base-uncased --train_file reviews.csv --text_columns review
     hf-prune export outputs/default/pruned outputs/default/onnx --quantize dynamic
-    hf-prune benchmark outputs/default/dense outputs/default/pruned --eval_file test.csv
+    hf-prune benchmark outputs/default/dense outputs/default/pruned --test_file test.csv
 
-`train`, and `benchmark` without `--eval_file`, use the packaged demo model and tweet data (`hf_prune.recipes`).
-A config file is a flat YAML mapping of `JobArguments` and `PruningConfig` fields; every field can also be given
-(or overridden) on the command line.
+`hf-prune train` parses four groups of options with one `HfArgumentParser`: `JobArguments` (model, pruned-arm
+learning rate, distillation), `DataArguments` (Hub dataset or files, columns, splits), `PruningConfig` and
+Transformers' `TrainingArguments` (every field: `--bf16`, `--gradient_accumulation_steps`, `--save_strategy`,
+`--report_to`, `--push_to_hub`, ...). A `--config` YAML file is a flat mapping of any of those fields; flags override
+it. Without `--dataset_name` / `--train_file`, `train` uses the packaged tweet data and, without
+`--model_name_or_path`, the packaged MiniLM (`hf_prune.recipes`); so does `benchmark` without data options.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import logging
 import sys
-from dataclasses import fields
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from transformers import HfArgumentParser
 
 from .config import PruningConfig
+
+# `hf-prune train`'s recipe defaults, where they differ from the dataclasses' own (TrainingArguments' and
+# DataArguments'): the settings of the README's runs. `--help` shows these (and, with --config, the file's values).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "output_dir": "outputs/main",
+    "max_steps": 250,
+    "learning_rate": 1e-4,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "logging_steps": 25,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+    "dataloader_num_workers": 0,
+    "max_length": 64,
+    "warmup_steps": None,  # None: WARMUP_FRACTION of max_steps, in whole steps (parse_train_args fills it in)
+}
+# Learning-rate warm-up when --warmup_steps is not given, as a fraction of max_steps. Given as whole steps, since
+# Transformers 5 dropped `warmup_ratio` and 4.x takes only integers as `warmup_steps`.
+WARMUP_FRACTION = 0.06
+
+
+class TrainArguments(NamedTuple):
+    """What `parse_train_args` returns: the four option groups of `hf-prune train`."""
+
+    job: Any  # hf_prune.job.JobArguments
+    data: Any  # hf_prune.data.DataArguments
+    pruning: PruningConfig
+    training: Any  # transformers.TrainingArguments
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds `(default: ...)` to every option, except where the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _read_yaml(path: str) -> dict:
@@ -34,41 +79,173 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def parse_train_args(argv: Sequence[str]):
-    """(JobArguments, PruningConfig) from an optional `--config` YAML file overridden by command-line flags."""
-    from .recipes.job import JobArguments
+def _train_dataclasses() -> tuple:
+    from transformers import TrainingArguments
 
+    from .data import DataArguments
+    from .job import JobArguments
+
+    return JobArguments, DataArguments, PruningConfig, TrainingArguments
+
+
+def _init_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
+    for action in parser._actions:
+        if option in action.option_strings:
+            action.help = text
+
+
+def train_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
+    """The `hf-prune train` parser: JobArguments, DataArguments, PruningConfig and TrainingArguments, with the recipe
+    defaults (TRAIN_DEFAULTS) and then `config_values` (a --config file) as defaults."""
+    parser = HfArgumentParser(
+        _train_dataclasses(),
+        prog="hf-prune train",
+        formatter_class=_HelpFormatter,
+        description="Fine-tune a dense and a pruned model side by side from the same weights (same seed, data order "
+        "and steps; the dense one is the pruned one's distillation teacher), score both on the test split, and write "
+        "OUTPUT_DIR/dense, OUTPUT_DIR/pruned, results.json and results.md. Data: a Hub dataset (--dataset_name) or "
+        "local files (--train_file, --validation_file, --test_file); without them, the packaged tweet-sentiment "
+        "data. Every TrainingArguments option applies to both arms.",
+        epilog="Defaults shown are those of hf-prune train: its recipe defaults (max_steps 250, learning_rate 1e-4, "
+        "batch 32/128, logging_steps 25, save_strategy no, report_to none, output_dir outputs/main, max_length 64, "
+        "warm-up 6% of max_steps) where they differ from the dataclasses' own (TrainingArguments', DataArguments'), "
+        "and with --config FILE, the values from FILE (hf-prune train --config FILE --help shows them). Flags "
+        "override the file.",
+    )
+    parser.add_argument("--config", default=None,
+                        help="YAML file of options (any of the options below); command-line flags override it. "
+                        "(default: none)")
+    parser.set_defaults(**TRAIN_DEFAULTS)
+    _set_help(parser, "--model_name_or_path",
+              "Model folder or Hub id; its classification head is set to the data's labels (default: the packaged "
+              "all-MiniLM-L6-v2).")
+    _set_help(parser, "--dataset_name",
+              "Hub dataset id, loaded with datasets.load_dataset (e.g. imdb, or glue with --dataset_config_name "
+              "sst2). Give this or local files, not both (default: when neither --dataset_name nor --train_file is "
+              "given, the packaged tweet-sentiment data in its fixed split: seed 42, 2000 test and 1000 validation "
+              "rows).")
+    _set_help(parser, "--warmup_steps",
+              "Linear learning-rate warm-up steps (default: 6%% of max_steps, in whole steps).")
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--no_") and isinstance(action, argparse._StoreFalseAction):
+                positive = option[len("--no_"):]
+                action.help = f"Set {positive} to false (the opposite of --{positive}). (default: off)"
+    _set_help(parser, "--no_distill",
+              "Train the pruned arm without a teacher: no distillation from the dense arm (whose score is still "
+              "reported). (default: distill)")
+    if config_values:
+        parser.set_defaults(**config_values)
+    return parser
+
+
+def _check_config_keys(values: dict, path: str) -> None:
+    allowed = {name for cls in _train_dataclasses() for name in _init_fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise SystemExit(f"hf-prune: unknown option(s) {', '.join(hints)} in {path}; a config file holds options of "
+                         "hf-prune train (see hf-prune train --help).")
+
+
+def parse_train_args(argv: Sequence[str]) -> TrainArguments:
+    """(JobArguments, DataArguments, PruningConfig, TrainingArguments) from an optional `--config` YAML file
+    overridden by command-line flags, on top of the recipe defaults.
+
+    Raises:
+        SystemExit: a bad --config file or an unknown flag.
+        ValueError: a value one of the dataclasses refuses (naming the option).
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-
-    parser = HfArgumentParser((JobArguments, PruningConfig), prog="hf-prune train")
-    parser.add_argument("--config", default=None, help="YAML file of options; command-line flags override it.")
+    known, rest = pre.parse_known_args(list(argv))
+    values = {}
     if known.config:
         values = _read_yaml(known.config)
-        allowed = {f.name for f in fields(JobArguments)} | {f.name for f in fields(PruningConfig)}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise SystemExit(
-                f"hf-prune: unknown option(s) {unknown} in {known.config}; allowed options are {sorted(allowed)}."
-            )
-        parser.set_defaults(**values)
-    job, pruning_config, _ = parser.parse_args_into_dataclasses(args=list(rest) + ["--config", str(known.config)])
-    return job, pruning_config
+        _check_config_keys(values, known.config)
+    parser = train_parser(values)
+    namespace = vars(parser.parse_args(rest))
+    namespace.pop("config", None)
+    if namespace.get("warmup_steps") is None:
+        max_steps = namespace.get("max_steps") or -1
+        if namespace.get("warmup_ratio"):  # Transformers 4.x, ratio given: it applies when warmup_steps is 0
+            namespace["warmup_steps"] = 0
+        elif max_steps > 0:
+            namespace["warmup_steps"] = int(round(WARMUP_FRACTION * max_steps))
+        elif "warmup_ratio" in namespace:  # Transformers 4.x, training by epochs
+            namespace["warmup_steps"], namespace["warmup_ratio"] = 0, WARMUP_FRACTION
+        else:  # Transformers 5: a float below 1 is a ratio
+            namespace["warmup_steps"] = WARMUP_FRACTION
+    built = [cls(**{name: namespace[name] for name in _init_fields(cls) if name in namespace})
+             for cls in _train_dataclasses()]
+    return TrainArguments(*built)
+
+
+def _packaged_splits():
+    from .recipes.packaged import job_splits
+
+    try:
+        return job_splits()
+    except (ImportError, FileNotFoundError) as err:
+        raise SystemExit(
+            f"hf-prune train: no --dataset_name or --train_file given, and the packaged tweet data it falls back to "
+            f"is unavailable ({err}). Pass your data with --train_file (csv/tsv/json/jsonl/parquet) or --dataset_name."
+        ) from None
+
+
+def _packaged_model() -> str:
+    from .recipes.packaged import packaged_model_path
+
+    try:
+        return packaged_model_path()
+    except (ImportError, FileNotFoundError) as err:
+        raise SystemExit(
+            f"hf-prune train: no --model_name_or_path given, and the packaged all-MiniLM-L6-v2 it falls back to is "
+            f"unavailable ({err}). Pass --model_name_or_path (a model folder or Hub id)."
+        ) from None
+
+
+def _show_job_progress() -> None:
+    """Print the job's progress lines (`dense arm: fine-tuning ...`) on stderr."""
+    job_logger = logging.getLogger("hf_prune.job")
+    if not any(getattr(h, "_hf_prune_cli", False) for h in job_logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("hf-prune: %(message)s"))
+        handler._hf_prune_cli = True  # type: ignore[attr-defined]
+        job_logger.addHandler(handler)
+    job_logger.setLevel(logging.INFO)
 
 
 def _train(argv: Sequence[str]) -> int:
-    from .recipes.job import format_table, run_job
+    from .job import JobData, format_table, run_job, validate_job
 
     try:
-        job, pruning_config = parse_train_args(argv)
-    except ValueError as err:
+        args = parse_train_args(argv)
+        splits, sources = (None, None) if args.data.has_source else _packaged_splits()
+        if not args.job.model_name_or_path:
+            args.job.model_name_or_path = _packaged_model()
+        # Data, labels, tokenizer and model config are loaded and checked here, before any model or training.
+        job_data = JobData(args.job, args.data, splits=splits, sources=sources)
+        validate_job(args.job, args.training, job_data)
+    except (ValueError, OSError) as err:
         raise SystemExit(f"hf-prune: {err}") from None
-    results = run_job(job, pruning_config)
+    _show_job_progress()
+    results = run_job(args.job, args.data, args.pruning, args.training, job_data=job_data)
+    output_dir = args.training.output_dir
+    print()
+    print(f"Data: {results['data']['description']}")
+    print(f"Labels: {', '.join(results['data']['label_names'])}")
     print()
     print(format_table(results))
-    print(f"\nPruned model, pruning_config.json and sparsity report: {job.output_dir}/pruned")
-    print(f"Results: {job.output_dir}/results.json, {job.output_dir}/results.md")
+    print(f"\nModels (with pruning_config.json and sparsity report in pruned/): {output_dir}/dense, {output_dir}/pruned")
+    print(f"Results: {output_dir}/results.json, {output_dir}/results.md")
     return 0
 
 
@@ -138,15 +315,18 @@ def _packaged_eval_data(eval_size: int):
         return load_sentiment_splits(test_size=max(eval_size, 2000))["test"]
     except (ImportError, FileNotFoundError) as err:
         raise SystemExit(
-            f"hf-prune benchmark: no --eval_file given, and the packaged tweet data it falls back to is unavailable "
-            f"({err}). Pass --eval_file with your labelled data, or --eval_size 0 to time without scoring accuracy."
+            f"hf-prune benchmark: no data given (--test_file/--eval_file, --train_file or --dataset_name), and the "
+            f"packaged tweet data it falls back to is unavailable ({err}). Pass --test_file (or its alias --eval_file) "
+            f"with your labelled data, or --eval_size 0 to time without scoring accuracy."
         ) from None
 
 
 def _benchmark(argv: Sequence[str]) -> int:
     from .benchmark import BenchmarkArguments, format_markdown, run_benchmark
+    from .data import DataArguments, load_raw_splits
 
     defaults = BenchmarkArguments.__dataclass_fields__
+    data_defaults = DataArguments.__dataclass_fields__
 
     def described(name: str, text: Optional[str] = None) -> str:
         """The dataclass help, plus the argparse default unless the help already says what the default is."""
@@ -158,9 +338,10 @@ def _benchmark(argv: Sequence[str]) -> int:
         description="Latency (p50/p90), throughput, size and accuracy of sequence-classification checkpoints in "
         "PyTorch and ONNX Runtime, side by side in one run. The first checkpoint is the baseline. Each checkpoint is "
         "first exported to ONNX (fp32, ORTOptimizer O2 and dynamic INT8, each verified against PyTorch), which takes "
-        "minutes for real models; --runtimes pytorch skips the export. Accuracy is scored on --eval_file (a labelled "
-        "csv/tsv/json/jsonl/parquet file); without it, on the packaged tweet-sentiment test split. Writes "
-        "benchmark.json, benchmark.md and benchmark.png.",
+        "minutes for real models; --runtimes pytorch skips the export. Accuracy is scored on the test split of the "
+        "data options, which are those of hf-prune train: --test_file (alias --eval_file), a --train_file whose test "
+        "rows are carved with --test_size/--split_seed exactly as train carves them, or --dataset_name; without "
+        "them, on the packaged tweet-sentiment test split. Writes benchmark.json, benchmark.md and benchmark.png.",
     )
     parser.add_argument("checkpoints", nargs="+", help=defaults["checkpoints"].metadata["help"])
     parser.add_argument("--names", nargs="+", default=None, help=described("names"))
@@ -169,12 +350,6 @@ def _benchmark(argv: Sequence[str]) -> int:
     parser.add_argument("--seq_len", type=int, default=64, help=described("seq_len"))
     parser.add_argument("--rounds", type=int, default=5, help=described("rounds"))
     parser.add_argument("--repeats", type=int, default=6, help=described("repeats"))
-    parser.add_argument("--eval_file", default=None, help=described(
-        "eval_file", "Labelled eval data: a .csv, .tsv, .json, .jsonl or .parquet file with text and label columns "
-        "(default: the packaged tweet-sentiment test split)."))
-    parser.add_argument("--text_columns", nargs="+", default=None,
-                        help=described("text_columns").replace("sentence1 sentence2", "sentence1,sentence2"))
-    parser.add_argument("--label_column", default="label", help=described("label_column"))
     parser.add_argument("--eval_size", type=int, default=2000, help=described("eval_size"))
     parser.add_argument("--no_int8", action="store_true",
                         help="Skip the INT8 ONNX Runtime arms (default: INT8 arms are measured).")
@@ -182,20 +357,44 @@ def _benchmark(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=None, help=described("threads"))
     parser.add_argument("--optimize", default="O2", help=described(
         "optimize", "ORTOptimizer level of the optimised ONNX fp32 arm, or none to skip that arm"))
+    data = parser.add_argument_group("data (the options of hf-prune train; accuracy is scored on the test split)")
+
+    def data_help(name: str) -> str:
+        return described(name, data_defaults[name].metadata["help"])
+
+    data.add_argument("--test_file", "--eval_file", dest="test_file", default=None, help=(
+        "Labelled test data: a .csv, .tsv, .json, .jsonl or .parquet file with text and label columns; --eval_file "
+        "is an alias. Without any data option (this, --train_file, --dataset_name) the packaged tweets are scored "
+        "(default: the packaged tweet-sentiment test split)."))
+    data.add_argument("--train_file", default=None, help=data_help("train_file") + " Only its carved test rows "
+                      "are scored (when there is no --test_file).")
+    data.add_argument("--dataset_name", default=None, help=data_help("dataset_name"))
+    data.add_argument("--dataset_config_name", default=None, help=data_help("dataset_config_name"))
+    data.add_argument("--test_split_name", default="test", help=data_help("test_split_name"))
+    data.add_argument("--text_columns", nargs="+", default=None, help=data_help("text_columns"))
+    data.add_argument("--label_column", default="label", help=described(
+        "label_column", "Label column: class ids, or label names in the baseline's config.label2id"))
+    data.add_argument("--test_size", type=float, default=0.1, help=data_help("test_size"))
+    data.add_argument("--split_seed", type=int, default=42, help=data_help("split_seed"))
     args = parser.parse_args(list(argv))
-    text_columns = None
-    if args.text_columns:
-        text_columns = [c for value in args.text_columns for c in value.split(",") if c]
     try:
+        data_args = DataArguments(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_file=args.train_file,
+            test_file=args.test_file, text_columns=args.text_columns, label_column=args.label_column,
+            test_split_name=args.test_split_name, test_size=args.test_size, split_seed=args.split_seed,
+        )
         bench_args = BenchmarkArguments(
             checkpoints=args.checkpoints, names=args.names, output_dir=args.output_dir, batch_sizes=args.batch_sizes,
             seq_len=args.seq_len, rounds=args.rounds, repeats=args.repeats, eval_size=args.eval_size,
-            eval_file=args.eval_file, text_columns=text_columns, label_column=args.label_column,
+            text_columns=data_args.text_columns, label_column=data_args.label_column,
             int8=not args.no_int8, runtimes=args.runtimes, threads=args.threads,
             optimize=None if args.optimize == "none" else args.optimize,
         )
         eval_dataset, eval_name = None, None
-        if bench_args.eval_file is None and bench_args.eval_size > 0:
+        if data_args.has_source:
+            raw = load_raw_splits(data_args, need=("test",))  # the same test rows hf-prune train scores on
+            eval_dataset, eval_name = raw["test"], f"test split: {raw.sources['test']}"
+        elif bench_args.eval_size > 0:
             eval_dataset, eval_name = _packaged_eval_data(bench_args.eval_size), "Tweet sentiment test split"
         if "onnxruntime" in bench_args.runtimes:
             from .export import require_onnx

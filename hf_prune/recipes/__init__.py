@@ -1,8 +1,10 @@
-"""Recipes built on hf_prune: the packaged demo model and tweet-sentiment data, and the dense-vs-pruned main job.
+"""Recipes built on hf_prune: the packaged demo model and tweet-sentiment data.
 
 Nothing in the library core imports this package; only ``hf-prune train`` / ``hf-prune benchmark`` (for their
-defaults), the scripts under ``benchmarks/`` and the tests do. Import the submodules directly:
+defaults when no model or data is given), the scripts under ``benchmarks/`` and the tests do. Import the submodule
+directly:
 
-- :mod:`hf_prune.recipes.packaged`: the packaged all-MiniLM-L6-v2 and tweet sentiment CSV, with one fixed split;
-- :mod:`hf_prune.recipes.job`: fine-tune a dense and a pruned model side by side and compare them.
+- :mod:`hf_prune.recipes.packaged`: the packaged all-MiniLM-L6-v2 and tweet sentiment CSV, with one fixed split.
+
+The dense-vs-pruned job itself is in the core, :mod:`hf_prune.job`, and works on any model and data.
 """

