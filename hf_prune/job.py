@@ -153,6 +153,7 @@ class JobData:
         if not job.model_name_or_path:
             raise ValueError("--model_name_or_path is not set: give a model folder or Hub id.")
         self.model_path = job.model_name_or_path
+        self.models_loaded = 0
         self.ignore_mismatched_sizes = job.ignore_mismatched_sizes
         self.data_args = data_args
         self.classes: ClassificationData = load_classification_data(data_args, splits, sources)
@@ -192,11 +193,19 @@ class JobData:
     def fresh_model(self, seed: int, path: Optional[str] = None):
         """The model with a classification head for the data's labels, its new weights initialised from `seed`."""
         set_seed(seed)
-        # id2label/label2id only: num_labels follows from them (passing both makes Transformers 5 warn).
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path or self.model_path, ignore_mismatched_sizes=self.ignore_mismatched_sizes,
-            id2label=self.label_config["id2label"], label2id=self.label_config["label2id"],
-        )
+        # Transformers warns that the new head is "newly initialized" at every load: once per job is enough.
+        verbosity = logging.get_verbosity()
+        if self.models_loaded:
+            logging.set_verbosity_error()
+        try:
+            # id2label/label2id only: num_labels follows from them (passing both makes Transformers 5 warn).
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path or self.model_path, ignore_mismatched_sizes=self.ignore_mismatched_sizes,
+                id2label=self.label_config["id2label"], label2id=self.label_config["label2id"],
+            )
+        finally:
+            logging.set_verbosity(verbosity)
+        self.models_loaded += 1
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
@@ -255,11 +264,15 @@ def train_dense(job_data: JobData, args: TrainingArguments, seed: Optional[int] 
     return trainer
 
 
-def _finish_arm(trainer: Trainer, arm: str) -> None:
+def _finish_arm(trainer: Trainer, arm: str, job_data: JobData) -> None:
     trainer.save_model()
+    # Trainer's own model card fields: base model, data, task (PruningTrainer adds its pruning section).
+    card = {"finetuned_from": job_data.model_path, "dataset": job_data.description, "tasks": "text-classification"}
     if trainer.args.push_to_hub:
         logger.info(f"{arm} arm: pushing to the Hub as {trainer.args.hub_model_id}")
-        trainer.push_to_hub(commit_message=f"hf-prune {arm} arm")
+        trainer.push_to_hub(commit_message=f"hf-prune {arm} arm", **card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(model_name=Path(trainer.args.output_dir).name, **card)
 
 
 def run_job(
@@ -321,7 +334,7 @@ def run_job(
         seconds = time.perf_counter() - start
         logger.info(f"dense arm: scoring on the test split ({len(data['test'])} examples)")
         results["arms"]["dense"] = score_arm(dense_trainer, data["test"], pruning_config, seconds)
-        _finish_arm(dense_trainer, "dense")
+        _finish_arm(dense_trainer, "dense", job_data)
 
     pruned_args = arm_training_arguments(training_args, "pruned", learning_rate=job.pruning_learning_rate)
     start_from = (job.teacher_path or dense_args.output_dir) if job.prune_from_dense else None
@@ -341,7 +354,7 @@ def run_job(
     seconds = time.perf_counter() - start
     logger.info(f"pruned arm: scoring on the test split ({len(data['test'])} examples)")
     results["arms"]["pruned"] = score_arm(trainer, data["test"], pruning_config, seconds)
-    _finish_arm(trainer, "pruned")
+    _finish_arm(trainer, "pruned", job_data)
 
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "results.md"), format_results(results))

@@ -238,3 +238,22 @@ def test_hub_dataset_is_accepted_and_routed(model_dir, tmp_path, monkeypatch, no
                                     "test: split 'validation' of glue/sst2")
     assert len(job_data.data["test"]) == 6 and len(job_data.data["train"][0]["input_ids"]) == 16
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_are_deterministic_and_both_arms_get_a_model_card(model_dir, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", labelled(48, ["positive", "negative", "neutral"]))
+    results = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(tiny_run(model_dir, out, "--train_file", train, "--target_sparsity", "0.5")) == 0
+        results.append(json.loads((out / "results.json").read_text()))
+        for arm in ("dense", "pruned"):
+            card = (out / arm / "README.md").read_text()
+            assert model_dir in card and "train_file" in card, arm  # base model and data on the card
+        assert "## Pruning (hf_prune)" in (out / "pruned" / "README.md").read_text()
+    for arm in ("dense", "pruned"):
+        assert results[0]["arms"][arm]["accuracy"] == results[1]["arms"][arm]["accuracy"]
+        assert results[0]["arms"][arm]["macro_f1"] == results[1]["arms"][arm]["macro_f1"]
+    assert training_args_of(tmp_path / "a" / "pruned").full_determinism is True
+    # The "newly initialized" warning of the new classifier head is printed once per job, not once per arm.
+    assert capsys.readouterr().err.count("newly initialized") <= 2  # once per run of the two
