@@ -8,6 +8,8 @@ same learning-rate schedule, batch size and data order per seed, and is scored o
 - `dense`: plain fine-tuning (also the distillation teacher of hf_prune arms with `distill: true`).
 - `torch_prune_baseline`: the recipe from blog posts: `torch.nn.utils.prune.global_unstructured` (L1) over the same
   Linear layers on the same cubic schedule, no distillation.
+- `two_lines`: the README's two lines, `MagnitudePruningCallback(PruningConfig(target_sparsity=...))` with every
+  other setting at its default, in a plain `Trainer` at the dense arm's learning rate: what a user gets first.
 - one arm per hf_prune config file.
 
 Writes JSON and Markdown (mean and per-seed accuracy and macro-F1) to benchmarks/results/.
@@ -27,7 +29,7 @@ import torch
 from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
-from hf_prune import PruningConfig, PruningTrainer, make_permanent
+from hf_prune import MagnitudePruningCallback, PruningConfig, PruningTrainer, make_permanent
 from hf_prune.job import JobData, arm_training_arguments, score_arm, train_dense
 from hf_prune.masks import find_target_modules
 from hf_prune.metrics import compute_metrics
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=["configs/default.yaml"], help="hf_prune job YAML files")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--no_baseline", action="store_true", help="skip the torch.nn.utils.prune arm")
+    parser.add_argument("--no_two_lines", action="store_true", help="skip the README's two-line callback arm")
     parser.add_argument("--baseline_learning_rates", nargs="+", type=float, default=None,
                         help="learning rates of the torch.nn.utils.prune arm (default: the dense arm's)")
     parser.add_argument("--max_steps", type=int, default=250)
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
             dense = train_dense(job_data, arm_args(base_training, "dense", seed))
         record("dense", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
 
-        for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_job.learning_rate]:
+        for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_training.learning_rate]:
             start = time.perf_counter()
             baseline_args = arm_args(base_training, "baseline", seed, learning_rate)
             trainer = Trainer(
@@ -122,6 +125,18 @@ def main(argv=None) -> int:
             trainer.train()
             name = f"torch_prune_baseline (lr {learning_rate:g})"
             record(name, seed, score_arm(trainer, data["test"], baseline_config, time.perf_counter() - start))
+
+        if not args.no_two_lines:
+            start = time.perf_counter()
+            two_lines = PruningConfig(target_sparsity=baseline_config.target_sparsity)  # all else at its default
+            trainer = Trainer(
+                model=job_data.fresh_model(seed), args=arm_args(base_training, "two_lines", seed),
+                train_dataset=data["train"], compute_metrics=compute_metrics,
+                callbacks=[MagnitudePruningCallback(two_lines)],
+            )
+            trainer.train()
+            name = f"two_lines (lr {base_training.learning_rate:g})"
+            record(name, seed, score_arm(trainer, data["test"], two_lines, time.perf_counter() - start))
 
         for name, (job, config, training) in arms_config.items():
             start = time.perf_counter()
