@@ -17,15 +17,16 @@ and numbers from the main job, the benchmarks and the notebooks are comparable.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
+
+from ..data import quiet_progress_bars
 
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 
@@ -184,18 +185,6 @@ def job_splits() -> tuple[datasets.DatasetDict, dict[str, str]]:
     return splits, sources
 
 
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Hide the ``datasets`` map bars for a moment (tokenizing 40k tweets takes a second) and restore the setting."""
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
 def tokenize_splits(
     splits: Mapping[str, datasets.Dataset], tokenizer: Any, max_length: int = 64
 ) -> datasets.DatasetDict:
@@ -214,7 +203,7 @@ def tokenize_splits(
     def encode(batch: dict[str, list[Any]]) -> Any:
         return tokenizer(batch["text"], padding="max_length", truncation=True, max_length=max_length)
 
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         return datasets.DatasetDict(
             {
                 name: split.map(encode, batched=True, remove_columns=["text"], keep_in_memory=True)
