@@ -10,7 +10,9 @@ same learning-rate schedule, batch size and data order per seed, and is scored o
   Linear layers on the same cubic schedule, no distillation.
 - `two_lines`: the README's two lines, `MagnitudePruningCallback(PruningConfig(target_sparsity=...))` with every
   other setting at its default, in a plain `Trainer` at the dense arm's learning rate: what a user gets first.
-- one arm per hf_prune config file.
+- `two_lines[VARIANT]`: the same two lines with some PruningConfig settings changed (`--two_lines_variants
+  local:scope=local cooldown:cooldown_fraction=0.5`): how the defaults were chosen.
+- one arm per hf_prune config file (`--no_recipes` skips them).
 
 Writes JSON and Markdown (mean and per-seed accuracy and macro-F1) to benchmarks/results/.
 """
@@ -26,6 +28,7 @@ import sys
 import time
 
 import torch
+import yaml
 from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
@@ -68,6 +71,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--no_baseline", action="store_true", help="skip the torch.nn.utils.prune arm")
     parser.add_argument("--no_two_lines", action="store_true", help="skip the README's two-line callback arm")
+    parser.add_argument("--two_lines_variants", nargs="*", default=[],
+                        help="extra two-line arms, each NAME:KEY=VALUE[,KEY=VALUE...] of PruningConfig fields")
+    parser.add_argument("--no_recipes", action="store_true", help="skip the arms of the --configs files")
+    parser.add_argument("--save_dense", action="store_true",
+                        help="save each dense arm to WORKDIR/dense-SEED (a fine-tuned model for hf-prune optimize)")
     parser.add_argument("--baseline_learning_rates", nargs="+", type=float, default=None,
                         help="learning rates of the torch.nn.utils.prune arm (default: the dense arm's)")
     parser.add_argument("--max_steps", type=int, default=250)
@@ -76,6 +84,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
     parser.add_argument("--workdir", default="outputs/bench_sparsity")
     args = parser.parse_args(argv)
+    variants = {}
+    for spec in args.two_lines_variants:
+        name, _, settings = spec.partition(":")
+        try:
+            variants[name] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in settings.split(","))}
+            PruningConfig(**variants[name])
+        except (ValueError, TypeError) as err:
+            parser.error(f"--two_lines_variants {spec!r}: {err}")
 
     from hf_prune.cli import parse_train_args
 
@@ -114,6 +130,8 @@ def main(argv=None) -> int:
         else:
             dense = train_dense(job_data, arm_args(base_training, "dense", seed))
         record("dense", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
+        if args.save_dense and not args.dense_path:
+            dense.save_model()
 
         for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_training.learning_rate]:
             start = time.perf_counter()
@@ -126,19 +144,23 @@ def main(argv=None) -> int:
             name = f"torch_prune_baseline (lr {learning_rate:g})"
             record(name, seed, score_arm(trainer, data["test"], baseline_config, time.perf_counter() - start))
 
-        if not args.no_two_lines:
+        two_line_arms = {} if args.no_two_lines else {"": {}}
+        two_line_arms.update(variants)
+        for variant, settings in two_line_arms.items():
             start = time.perf_counter()
-            two_lines = PruningConfig(target_sparsity=baseline_config.target_sparsity)  # all else at its default
+            # all else at its default
+            two_lines = PruningConfig(target_sparsity=baseline_config.target_sparsity, **settings)
+            suffix = f"[{variant}]" if variant else ""
             trainer = Trainer(
-                model=job_data.fresh_model(seed), args=arm_args(base_training, "two_lines", seed),
+                model=job_data.fresh_model(seed), args=arm_args(base_training, f"two_lines{variant}", seed),
                 train_dataset=data["train"], compute_metrics=compute_metrics,
                 callbacks=[MagnitudePruningCallback(two_lines)],
             )
             trainer.train()
-            name = f"two_lines (lr {base_training.learning_rate:g})"
+            name = f"two_lines{suffix} (lr {base_training.learning_rate:g})"
             record(name, seed, score_arm(trainer, data["test"], two_lines, time.perf_counter() - start))
 
-        for name, (job, config, training) in arms_config.items():
+        for name, (job, config, training) in ({} if args.no_recipes else arms_config).items():
             start = time.perf_counter()
             trainer = PruningTrainer(
                 model=job_data.fresh_model(seed),

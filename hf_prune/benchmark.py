@@ -45,6 +45,7 @@ from .data import parse_text_columns, resolve_text_columns
 from .files import atomic_write_text
 from .masks import sparsity_report
 from .metrics import classification_metrics
+from .runtime import onnx_logits_runner
 from .structure import load_pruned, structure_summary
 
 logger = logging.get_logger(__name__)
@@ -87,6 +88,11 @@ class BenchmarkArguments:
     runtimes: list = field(default_factory=lambda: list(RUNTIMES), metadata={"help": "pytorch and/or onnxruntime."})
     threads: Optional[int] = field(default=None, metadata={"help": "Threads for both runtimes (default: all cores)."})
     optimize: Optional[str] = field(default="O2", metadata={"help": "ORTOptimizer level of the ONNX fp32 arm."})
+    exports: Optional[list] = field(
+        default=None,
+        metadata={"help": "Existing export_onnx folders, one per checkpoint (None or '' to export that checkpoint): "
+                  "timed as they are instead of exporting again."},
+    )
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -108,6 +114,12 @@ class BenchmarkArguments:
             raise ValueError(f"eval_size={self.eval_size!r} must be >= 0.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be a positive integer.")
+        if self.exports is not None:
+            if len(self.exports) != len(self.checkpoints):
+                raise ValueError(f"exports has {len(self.exports)} entries for {len(self.checkpoints)} checkpoints.")
+            for path in self.exports:
+                if path and not os.path.isfile(os.path.join(path, "hf_prune_export.json")):
+                    raise ValueError(f"exports: {path!r} is not an export_onnx folder (no hf_prune_export.json).")
         if self.eval_file is not None:
             check_data_file(self.eval_file, "eval_file")
         self.text_columns = parse_text_columns(self.text_columns)
@@ -157,21 +169,6 @@ def _pytorch_runner(model: nn.Module) -> Callable[[dict[str, np.ndarray]], np.nd
     @torch.inference_mode()
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
         return model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in names}).logits.numpy()
-
-    return run
-
-
-def _ort_runner(path: Path, threads: Optional[int]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    import onnxruntime as ort
-
-    from .runtime import session_options
-
-    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    logits = [o.name for o in session.get_outputs()].index("logits")
-
-    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
-        return session.run(None, {k: batch[k] for k in names})[logits]
 
     return run
 
@@ -255,7 +252,8 @@ def _slice(inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np
 
 def _build_arms(args: BenchmarkArguments, names: list[str]) -> list[_Arm]:
     arms = []
-    for name, checkpoint in zip(names, args.checkpoints):
+    exports = args.exports or [None] * len(args.checkpoints)
+    for name, checkpoint, export_dir in zip(names, args.checkpoints, exports):
         model = load_pruned(checkpoint).float().eval()
         flops = encoder_flops(model, args.seq_len)
         report = sparsity_report(model)
@@ -267,15 +265,20 @@ def _build_arms(args: BenchmarkArguments, names: list[str]) -> list[_Arm]:
             arms.append(_Arm(name, checkpoint, "pytorch", "fp32", _pytorch_runner(model),
                              _safetensors_bytes(checkpoint), flops, dict(info)))
         if "onnxruntime" in args.runtimes:
-            from .export import export_onnx
+            from .export import ExportResult, export_onnx
 
-            onnx_dir = Path(args.output_dir) / "onnx" / name
-            result = export_onnx(checkpoint, onnx_dir, optimize=args.optimize, quantize="dynamic" if args.int8 else None,
-                                 overwrite=True)
+            if export_dir:
+                onnx_dir = Path(export_dir)
+                result = ExportResult.from_dir(onnx_dir)
+            else:
+                onnx_dir = Path(args.output_dir) / "onnx" / name
+                result = export_onnx(checkpoint, onnx_dir, optimize=args.optimize,
+                                     quantize="dynamic" if args.int8 else None, overwrite=True)
             # Both fp32 graphs: the plain one, which ONNX Runtime fuses itself at load, and ORTOptimizer's. Which
             # is faster depends on the model and the CPU (on pruned MiniLM here the plain one was).
             for variant in ("fp32", "optimized", "int8"):
-                if variant not in result.files:
+                if variant not in result.files or (variant == "int8" and not args.int8) or (
+                        variant == "optimized" and args.optimize is None):
                     continue
                 path = onnx_dir / result.files[variant]
                 export_info = {"onnx_file": str(path), "max_abs_diff": result.max_abs_diff.get(variant),
@@ -283,7 +286,7 @@ def _build_arms(args: BenchmarkArguments, names: list[str]) -> list[_Arm]:
                                "export_notes": result.notes}
                 precision = {"fp32": "fp32", "optimized": f"fp32 {result.optimization.get('applied')}",
                              "int8": "int8"}[variant]
-                arms.append(_Arm(name, checkpoint, "onnxruntime", precision, _ort_runner(path, args.threads),
+                arms.append(_Arm(name, checkpoint, "onnxruntime", precision, onnx_logits_runner(path, args.threads),
                                  result.sizes_bytes[variant], flops, {**info, **export_info}))
     return arms
 

@@ -44,9 +44,29 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_length": 64,
     "warmup_steps": None,  # None: WARMUP_FRACTION of max_steps, in whole steps (parse_train_args fills it in)
 }
+# `hf-prune optimize`'s defaults on top of those: a recovery budget and step size that won back heavy structured
+# pruning on the packaged MiniLM (benchmarks/results/structured_seeds.md), distillation weighted towards the teacher,
+# and no unstructured sparsity unless asked.
+OPTIMIZE_DEFAULTS: dict[str, Any] = {
+    **TRAIN_DEFAULTS,
+    "output_dir": "outputs/optimize",
+    "max_steps": 500,
+    "learning_rate": 3e-4,
+    "target_sparsity": 0.0,
+    "distillation_alpha": 0.9,
+}
 # Learning-rate warm-up when --warmup_steps is not given, as a fraction of max_steps. Given as whole steps, since
 # Transformers 5 dropped `warmup_ratio` and 4.x takes only integers as `warmup_steps`.
 WARMUP_FRACTION = 0.06
+
+
+class OptimizeCommandArguments(NamedTuple):
+    """What `parse_optimize_args` returns: the four option groups of `hf-prune optimize`."""
+
+    optimize: Any  # hf_prune.optimize.OptimizeArguments
+    data: Any  # hf_prune.data.DataArguments
+    pruning: PruningConfig
+    training: Any  # transformers.TrainingArguments
 
 
 class TrainArguments(NamedTuple):
@@ -90,6 +110,15 @@ def _train_dataclasses() -> tuple:
     return JobArguments, DataArguments, PruningConfig, TrainingArguments
 
 
+def _optimize_dataclasses() -> tuple:
+    from transformers import TrainingArguments
+
+    from .data import DataArguments
+    from .optimize import OptimizeArguments
+
+    return OptimizeArguments, DataArguments, PruningConfig, TrainingArguments
+
+
 def _init_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
@@ -100,13 +129,31 @@ def _set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
             action.help = text
 
 
+def _command_parser(classes: tuple, defaults: dict, config_values: Optional[dict], **kwargs: Any) -> HfArgumentParser:
+    """An HfArgumentParser over `classes` with `defaults`, then `config_values` (a --config file), as defaults."""
+    parser = HfArgumentParser(classes, formatter_class=_HelpFormatter, **kwargs)
+    parser.add_argument("--config", default=None,
+                        help="YAML file of options (any of the options below); command-line flags override it. "
+                        "(default: none)")
+    parser.set_defaults(**defaults)
+    _set_help(parser, "--warmup_steps",
+              "Linear learning-rate warm-up steps (default: 6%% of max_steps, in whole steps).")
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--no_") and isinstance(action, argparse._StoreFalseAction):
+                positive = option[len("--no_"):]
+                action.help = f"Set {positive} to false (the opposite of --{positive}). (default: off)"
+    return parser
+
+
 def train_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
     """The `hf-prune train` parser: JobArguments, DataArguments, PruningConfig and TrainingArguments, with the recipe
     defaults (TRAIN_DEFAULTS) and then `config_values` (a --config file) as defaults."""
-    parser = HfArgumentParser(
+    parser = _command_parser(
         _train_dataclasses(),
+        TRAIN_DEFAULTS,
+        None,
         prog="hf-prune train",
-        formatter_class=_HelpFormatter,
         description="Fine-tune a dense and a pruned model side by side from the same weights (same seed, data order "
         "and steps; the dense one is the pruned one's distillation teacher), score both on the test split, and write "
         "OUTPUT_DIR/dense, OUTPUT_DIR/pruned, results.json and results.md. Data: a Hub dataset (--dataset_name) or "
@@ -118,25 +165,10 @@ def train_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
         "and with --config FILE, the values from FILE (hf-prune train --config FILE --help shows them). Flags "
         "override the file.",
     )
-    parser.add_argument("--config", default=None,
-                        help="YAML file of options (any of the options below); command-line flags override it. "
-                        "(default: none)")
-    parser.set_defaults(**TRAIN_DEFAULTS)
     _set_help(parser, "--model_name_or_path",
               "Model folder or Hub id; its classification head is set to the data's labels (default: the packaged "
               "all-MiniLM-L6-v2).")
-    _set_help(parser, "--dataset_name",
-              "Hub dataset id, loaded with datasets.load_dataset (e.g. imdb, or glue with --dataset_config_name "
-              "sst2). Give this or local files, not both (default: when neither --dataset_name nor --train_file is "
-              "given, the packaged tweet-sentiment data in its fixed split: seed 42, 2000 test and 1000 validation "
-              "rows).")
-    _set_help(parser, "--warmup_steps",
-              "Linear learning-rate warm-up steps (default: 6%% of max_steps, in whole steps).")
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--no_") and isinstance(action, argparse._StoreFalseAction):
-                positive = option[len("--no_"):]
-                action.help = f"Set {positive} to false (the opposite of --{positive}). (default: off)"
+    _set_help(parser, "--dataset_name", _PACKAGED_DATA_HELP)
     _set_help(parser, "--no_distill",
               "Train the pruned arm without a teacher: no distillation from the dense arm (whose score is still "
               "reported). (default: distill)")
@@ -145,8 +177,46 @@ def train_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
     return parser
 
 
-def _check_config_keys(values: dict, path: str) -> None:
-    allowed = {name for cls in _train_dataclasses() for name in _init_fields(cls)}
+def optimize_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
+    """The `hf-prune optimize` parser: OptimizeArguments, DataArguments, PruningConfig and TrainingArguments, with
+    OPTIMIZE_DEFAULTS and then `config_values` (a --config file) as defaults."""
+    parser = _command_parser(
+        _optimize_dataclasses(),
+        OPTIMIZE_DEFAULTS,
+        None,
+        prog="hf-prune optimize",
+        description="Make a fine-tuned classifier faster for ONNX Runtime, aimed at a target: score its attention "
+        "heads and FFN neurons, time candidate shapes in ONNX Runtime before any training and keep the least pruning "
+        "that meets --target_speedup (or, with --max_accuracy_drop alone, the most that stays within it on the "
+        "validation split), remove them, recover with a fine-tune distilled from the model (--max_steps is its "
+        "budget, once per --recovery_seeds seed), export to ONNX (INT8 with --quantize dynamic), benchmark dense vs "
+        "result, and write OUTPUT_DIR/model (load_pruned), OUTPUT_DIR/onnx (create_session) and "
+        "OUTPUT_DIR/report.{md,json,png}. Data and training options are those of hf-prune train.",
+        epilog="Defaults shown are those of hf-prune optimize: hf-prune train's recipe defaults with max_steps 500, "
+        "learning_rate 3e-4, distillation_alpha 0.9, target_sparsity 0 (no unstructured sparsity) and output_dir "
+        "outputs/optimize; with --config FILE, the values from FILE. Flags override the file.",
+    )
+    _set_help(parser, "--dataset_name", _PACKAGED_DATA_HELP)
+    _set_help(parser, "--target_sparsity",
+              "Unstructured sparsity added to the remaining matrices during recovery (scattered zeros: a smaller "
+              "file, no speedup on CPU). (default: 0)")
+    _set_help(parser, "--head_sparsity", "Not used by optimize: the target decides the fractions. (default: 0)")
+    _set_help(parser, "--neuron_sparsity", "Not used by optimize: the target decides the fractions. (default: 0)")
+    _set_help(parser, "--no_distill", "Recover without distillation from the dense model. (default: distill)")
+    if config_values:
+        parser.set_defaults(**config_values)
+    return parser
+
+
+_PACKAGED_DATA_HELP = (
+    "Hub dataset id, loaded with datasets.load_dataset (e.g. imdb, or glue with --dataset_config_name sst2). Give "
+    "this or local files, not both (default: when neither --dataset_name nor --train_file is given, the packaged "
+    "tweet-sentiment data in its fixed split: seed 42, 2000 test and 1000 validation rows)."
+)
+
+
+def _check_config_keys(values: dict, path: str, classes: tuple, command: str) -> None:
+    allowed = {name for cls in classes for name in _init_fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:
         hints = []
@@ -154,25 +224,19 @@ def _check_config_keys(values: dict, path: str) -> None:
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise SystemExit(f"hf-prune: unknown option(s) {', '.join(hints)} in {path}; a config file holds options of "
-                         "hf-prune train (see hf-prune train --help).")
+                         f"hf-prune {command} (see hf-prune {command} --help).")
 
 
-def parse_train_args(argv: Sequence[str]) -> TrainArguments:
-    """(JobArguments, DataArguments, PruningConfig, TrainingArguments) from an optional `--config` YAML file
-    overridden by command-line flags, on top of the recipe defaults.
-
-    Raises:
-        SystemExit: a bad --config file or an unknown flag.
-        ValueError: a value one of the dataclasses refuses (naming the option).
-    """
+def _parse_command(argv: Sequence[str], classes: tuple, make_parser: Any, command: str) -> list:
+    """The dataclasses of a command from an optional `--config` YAML file overridden by command-line flags."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(list(argv))
     values = {}
     if known.config:
         values = _read_yaml(known.config)
-        _check_config_keys(values, known.config)
-    parser = train_parser(values)
+        _check_config_keys(values, known.config, classes, command)
+    parser = make_parser(values)
     namespace = vars(parser.parse_args(rest))
     namespace.pop("config", None)
     if namespace.get("warmup_steps") is None:
@@ -185,9 +249,24 @@ def parse_train_args(argv: Sequence[str]) -> TrainArguments:
             namespace["warmup_steps"], namespace["warmup_ratio"] = 0, WARMUP_FRACTION
         else:  # Transformers 5: a float below 1 is a ratio
             namespace["warmup_steps"] = WARMUP_FRACTION
-    built = [cls(**{name: namespace[name] for name in _init_fields(cls) if name in namespace})
-             for cls in _train_dataclasses()]
-    return TrainArguments(*built)
+    return [cls(**{name: namespace[name] for name in _init_fields(cls) if name in namespace}) for cls in classes]
+
+
+def parse_train_args(argv: Sequence[str]) -> TrainArguments:
+    """(JobArguments, DataArguments, PruningConfig, TrainingArguments) from an optional `--config` YAML file
+    overridden by command-line flags, on top of the recipe defaults.
+
+    Raises:
+        SystemExit: a bad --config file or an unknown flag.
+        ValueError: a value one of the dataclasses refuses (naming the option).
+    """
+    return TrainArguments(*_parse_command(argv, _train_dataclasses(), train_parser, "train"))
+
+
+def parse_optimize_args(argv: Sequence[str]) -> OptimizeCommandArguments:
+    """(OptimizeArguments, DataArguments, PruningConfig, TrainingArguments) of `hf-prune optimize`, like
+    `parse_train_args` (same --config handling), on top of OPTIMIZE_DEFAULTS."""
+    return OptimizeCommandArguments(*_parse_command(argv, _optimize_dataclasses(), optimize_parser, "optimize"))
 
 
 def _packaged_splits():
@@ -214,9 +293,9 @@ def _packaged_model() -> str:
         ) from None
 
 
-def _show_job_progress() -> None:
+def _show_job_progress(name: str = "hf_prune.job") -> None:
     """Print the job's progress lines (`dense arm: fine-tuning ...`) on stderr."""
-    job_logger = logging.getLogger("hf_prune.job")
+    job_logger = logging.getLogger(name)
     if not any(getattr(h, "_hf_prune_cli", False) for h in job_logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("hf-prune: %(message)s"))
@@ -248,6 +327,37 @@ def _train(argv: Sequence[str]) -> int:
     print(format_table(results))
     print(f"\nModels (with pruning_config.json and sparsity report in pruned/): {output_dir}/dense, {output_dir}/pruned")
     print(f"Results: {output_dir}/results.json, {output_dir}/results.md")
+    return 0
+
+
+def _optimize(argv: Sequence[str]) -> int:
+    from .job import JobArguments, JobData
+    from .optimize import run_optimize, validate_optimize
+
+    try:
+        args = parse_optimize_args(argv)
+        validate_optimize(args.optimize, args.pruning)
+        from .export import require_onnx
+
+        require_onnx()
+        splits, sources = (None, None) if args.data.has_source else _packaged_splits()
+        job = JobArguments(model_name_or_path=args.optimize.model_name_or_path)
+        # Data, labels, tokenizer and model config are loaded and checked before any model is scored or trained.
+        job_data = JobData(job, args.data, splits=splits, sources=sources)
+        validate_optimize(args.optimize, args.pruning, job_data)
+    except (ValueError, OSError, ImportError) as err:
+        raise SystemExit(f"hf-prune optimize: {err}") from None
+    _show_job_progress("hf_prune.optimize")
+    try:
+        report = run_optimize(args.optimize, args.data, args.pruning, args.training, job_data=job_data)
+    except ValueError as err:
+        raise SystemExit(f"hf-prune optimize: {err}") from None
+    output_dir = args.training.output_dir
+    from .optimize import format_report
+
+    print()
+    print(format_report(report))
+    print(f"Report: {output_dir}/report.md, report.json, report.png")
     return 0
 
 
@@ -414,6 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": (_train, "fine-tune a dense and a pruned model side by side and compare them"),
+        "optimize": (_optimize, "prune a fine-tuned model to a latency target, recover, export, measure"),
         "export": (_export, "export a checkpoint to ONNX (verified, optimised, optional INT8)"),
         "benchmark": (_benchmark, "latency, size and accuracy of checkpoints in PyTorch and ONNX Runtime"),
     }

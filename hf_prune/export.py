@@ -191,8 +191,12 @@ def _prepare_model(
 ) -> tuple[nn.Module, Any, Optional[Path], dict]:
     source_dir = None
     if isinstance(model_or_path, nn.Module):
-        # Work on a copy: folding masks and removing units must not change the caller's model.
-        model = copy.deepcopy(model_or_path)
+        # Work on a copy: folding masks and removing units must not change the caller's model. A model that went
+        # through a mixed-precision Trainer has its forward wrapped (accelerate's ConvertOutputsToFp32), which the
+        # ONNX tracer cannot read: unwrap it.
+        from accelerate.utils import extract_model_from_parallel
+
+        model = extract_model_from_parallel(copy.deepcopy(model_or_path), keep_fp32_wrapper=False)
     elif isinstance(model_or_path, (str, os.PathLike)):
         source_dir = Path(model_or_path)
         if not source_dir.is_dir():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from typing import Any, Callable
+import uuid
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str, write: Callable[[str], Any]) -> str:
@@ -45,3 +48,32 @@ def atomic_torch_save(obj: Any, path: str) -> str:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def staged_directory(path: str) -> Iterator[str]:
+    """Yield a fresh staging directory next to `path`; when the block succeeds, it replaces `path` (an earlier
+    directory there is moved aside first and deleted only after the new one is in place). When the block fails, the
+    staging directory is deleted and `path` is left as it was: a failed save never costs the previous good one."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if os.path.exists(path):
+        previous = os.path.join(parent, f".{name}.previous-{uuid.uuid4().hex[:8]}")
+        os.replace(path, previous)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        if previous is not None:
+            os.replace(previous, path)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)

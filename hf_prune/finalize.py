@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import types
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -107,16 +107,17 @@ def model_card_section(config: PruningConfig, report: dict, structure: Optional[
     return "\n".join(lines)
 
 
-def write_model_card_section(directory: str, section: str) -> str:
-    """Insert or replace the hf_prune section of `directory/README.md`, keeping whatever else is there."""
+def write_model_card_section(directory: str, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> str:
+    """Insert or replace the hf_prune section of `directory/README.md` (the text between `begin` and `end`, which
+    `section` starts and ends with), keeping whatever else is there."""
     path = os.path.join(directory, CARD_NAME)
     existing = ""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             existing = handle.read()
-    if CARD_BEGIN in existing and CARD_END in existing:
-        head, rest = existing.split(CARD_BEGIN, 1)
-        tail = rest.split(CARD_END, 1)[1].lstrip("\n")
+    if begin in existing and end in existing:
+        head, rest = existing.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + tail
     elif existing:
         text = existing.rstrip("\n") + "\n\n" + section
@@ -124,6 +125,40 @@ def write_model_card_section(directory: str, section: str) -> str:
         text = "---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {t}\n" for t in MODEL_TAGS) + "---\n\n" + section
     atomic_write_text(path, text)
     return path
+
+
+RESULTS_BEGIN = "<!-- hf_prune:results:begin -->"
+RESULTS_END = "<!-- hf_prune:results:end -->"
+
+
+def results_card_section(rows: dict[str, dict[str, float]], data: str) -> str:
+    """Markdown of test results for the model card: {model name: {"accuracy": .., "macro_f1": ..}} on `data`."""
+    lines = [RESULTS_BEGIN, "## Test results", "", f"Scored on {data}.", "", "| model | accuracy | macro-F1 |",
+             "|---|---|---|"]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} |")
+    return "\n".join(lines + [RESULTS_END, ""])
+
+
+def write_results_card_section(directory: str, rows: dict[str, dict[str, float]], data: str) -> str:
+    """Insert or replace the test-results section of `directory/README.md` (see `results_card_section`)."""
+    return write_model_card_section(directory, results_card_section(rows, data), RESULTS_BEGIN, RESULTS_END)
+
+
+def add_results_to_model_card(trainer: Any, rows: dict[str, dict[str, float]], data: str) -> None:
+    """Make `trainer.create_model_card` (which `push_to_hub` calls too) also write the test-results section.
+
+    Trainer's own card lists only `eval_*` results of the validation split; a pruned model's reader wants its test
+    accuracy next to the dense model's. Set on the instance, so it holds for a plain Trainer as for PruningTrainer.
+    """
+    create = trainer.create_model_card
+
+    def create_model_card(*args: Any, **kwargs: Any) -> None:
+        create(*args, **kwargs)
+        if trainer.is_world_process_zero():
+            write_results_card_section(trainer.args.output_dir, rows, data)
+
+    trainer.create_model_card = create_model_card
 
 
 def save_pruning_artifacts(

@@ -45,6 +45,7 @@ from transformers.utils import logging
 from .config import PruningConfig
 from .data import ClassificationData, DataArguments, load_classification_data
 from .files import atomic_write_text
+from .finalize import add_results_to_model_card
 from .masks import sparsity_report
 from .metrics import compute_metrics
 from .trainer import PruningTrainer
@@ -246,7 +247,8 @@ def score_arm(trainer: Trainer, test: datasets.Dataset, pruning_config: PruningC
     }
 
 
-def _trainer_kwargs(job_data: JobData) -> dict[str, Any]:
+def trainer_kwargs(job_data: JobData) -> dict[str, Any]:
+    """Trainer keyword arguments for the job's data: train/eval splits, metrics, tokenizer, collator."""
     return {
         "train_dataset": job_data.data["train"],
         "eval_dataset": job_data.data.get("validation"),
@@ -259,12 +261,17 @@ def _trainer_kwargs(job_data: JobData) -> dict[str, Any]:
 def train_dense(job_data: JobData, args: TrainingArguments, seed: Optional[int] = None) -> Trainer:
     """Fine-tune the dense model with `args` (one arm's arguments) and return its Trainer."""
     trainer = Trainer(model=job_data.fresh_model(args.seed if seed is None else seed), args=args,
-                      **_trainer_kwargs(job_data))
+                      **trainer_kwargs(job_data))
     trainer.train()
     return trainer
 
 
-def _finish_arm(trainer: Trainer, arm: str, job_data: JobData) -> None:
+def _finish_arm(trainer: Trainer, arm: str, job_data: JobData, arms: dict[str, dict[str, Any]]) -> None:
+    """Save the arm and its model card: Trainer's fields (base model, data, task) and the test results of both arms."""
+    rows = {("this model" if name == arm else f"{name} arm (same data, seed and steps)"): scores
+            for name, scores in arms.items()}
+    add_results_to_model_card(trainer, rows, f"the test split ({len(job_data.data['test'])} examples; "
+                              f"{job_data.description})")
     trainer.save_model()
     # Trainer's own model card fields: base model, data, task (PruningTrainer adds its pruning section).
     card = {"finetuned_from": job_data.model_path, "dataset": job_data.description, "tasks": "text-classification"}
@@ -334,7 +341,7 @@ def run_job(
         seconds = time.perf_counter() - start
         logger.info(f"dense arm: scoring on the test split ({len(data['test'])} examples)")
         results["arms"]["dense"] = score_arm(dense_trainer, data["test"], pruning_config, seconds)
-        _finish_arm(dense_trainer, "dense", job_data)
+        _finish_arm(dense_trainer, "dense", job_data, results["arms"])
 
     pruned_args = arm_training_arguments(training_args, "pruned", learning_rate=job.pruning_learning_rate)
     start_from = (job.teacher_path or dense_args.output_dir) if job.prune_from_dense else None
@@ -347,14 +354,14 @@ def run_job(
         args=pruned_args,
         pruning_config=pruning_config,
         teacher_model=teacher,
-        **_trainer_kwargs(job_data),
+        **trainer_kwargs(job_data),
     )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     logger.info(f"pruned arm: scoring on the test split ({len(data['test'])} examples)")
     results["arms"]["pruned"] = score_arm(trainer, data["test"], pruning_config, seconds)
-    _finish_arm(trainer, "pruned", job_data)
+    _finish_arm(trainer, "pruned", job_data, results["arms"])
 
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "results.md"), format_results(results))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from transformers.utils import logging
 
@@ -75,6 +75,22 @@ def session_options(threads: Optional[int] = None, graph_optimization_level: str
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options
+
+
+def onnx_logits_runner(path: Union[str, os.PathLike], threads: Optional[int] = None) -> Callable[[dict], Any]:
+    """A function from a feed of numpy arrays (extra keys ignored) to the `logits` output of the ONNX file at
+    `path`, run by a CPU session with `session_options(threads)`: the plain call that latency is measured on."""
+    require_onnx()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    logits = [o.name for o in session.get_outputs()].index("logits")
+
+    def run(feed: dict) -> Any:
+        return session.run(None, {k: feed[k] for k in names})[logits]
+
+    return run
 
 
 def _ort_model_class(task: str) -> type:

@@ -24,7 +24,15 @@ from hf_prune import (  # noqa: E402
 from hf_prune.cli import main  # noqa: E402
 from hf_prune.export import write_sparse_initializers  # noqa: E402
 
-from conftest import build_model, requires_packaged_assets, tiny_bert, tiny_tokenizer, write_csv  # noqa: E402
+from conftest import (  # noqa: E402
+    build_model,
+    random_classification_data,
+    requires_packaged_assets,
+    tiny_bert,
+    tiny_tokenizer,
+    training_args,
+    write_csv,
+)
 
 pytestmark = pytest.mark.onnx
 
@@ -421,3 +429,14 @@ def test_packaged_minilm_int8_export_leaves_the_working_directory_alone(cwd, pac
     assert result.max_abs_diff["int8"] <= result.tolerance["int8"]
     assert result.sizes_bytes["int8"] < result.sizes_bytes["fp32"] / 3
     assert (tmp_path / "onnx" / result.files["int8"]).stat().st_size == result.sizes_bytes["int8"]
+
+
+def test_exports_a_model_that_went_through_a_mixed_precision_trainer(tmp_path):
+    # accelerate wraps the forward of a model a bf16 Trainer prepares (ConvertOutputsToFp32), which the ONNX tracer
+    # cannot read; hf-prune optimize exports candidate copies of a model a Trainer has scored.
+    model = tiny_bert(num_labels=3)
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path / "run", bf16=True, max_steps=1),
+                                   train_dataset=random_classification_data())
+    trainer.train()
+    result = export_onnx(model.float(), tmp_path / "onnx", optimize=None)
+    assert result.max_abs_diff["fp32"] <= 1e-4

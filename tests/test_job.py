@@ -250,6 +250,10 @@ def test_runs_are_deterministic_and_both_arms_get_a_model_card(model_dir, tmp_pa
         for arm in ("dense", "pruned"):
             card = (out / arm / "README.md").read_text()
             assert model_dir in card and "train_file" in card, arm  # base model and data on the card
+            # ... and the test accuracy of this arm, next to the other arm's where there is one.
+            accuracy = results[-1]["arms"][arm]["accuracy"]
+            assert "## Test results" in card and f"| this model | {accuracy:.4f} |" in card, arm
+        assert "| dense arm (same data, seed and steps) |" in (out / "pruned" / "README.md").read_text()
         assert "## Pruning (hf_prune)" in (out / "pruned" / "README.md").read_text()
     for arm in ("dense", "pruned"):
         assert results[0]["arms"][arm]["accuracy"] == results[1]["arms"][arm]["accuracy"]

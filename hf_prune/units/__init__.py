@@ -14,7 +14,7 @@ from .base import (
     unregister_unit_criterion,
 )
 from .gradual import GradualUnitPruner
-from .oneshot import compute_head_importance, compute_neuron_importance, prune_structured
+from .oneshot import compute_head_importance, compute_neuron_importance, prune_by_importance, prune_structured
 from .selection import select_heads_to_prune, select_neurons_to_prune
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "compute_head_importance",
     "compute_neuron_importance",
     "normalize_per_layer",
+    "prune_by_importance",
     "prune_structured",
     "register_unit_criterion",
     "select_heads_to_prune",

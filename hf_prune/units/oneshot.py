@@ -90,19 +90,47 @@ def prune_structured(
     for name, value in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"prune_structured: {name}={value!r} is invalid: a fraction must lie in [0, 1).")
+    head_importance = neuron_importance = None
+    if head_sparsity > 0:
+        head_importance = compute_head_importance(model, dataloader, method=method, max_batches=max_batches,
+                                                  progress=progress)
+    if neuron_sparsity > 0:
+        neuron_importance = compute_neuron_importance(model, dataloader, method=method, max_batches=max_batches,
+                                                      progress=progress)
+    return prune_by_importance(model, head_importance, neuron_importance, head_sparsity, neuron_sparsity)
+
+
+def prune_by_importance(
+    model: nn.Module,
+    head_importance: Optional[torch.Tensor],
+    neuron_importance: Optional[Mapping[int, torch.Tensor]],
+    head_sparsity: float = 0.0,
+    neuron_sparsity: float = 0.0,
+) -> dict[str, dict[int, list[int]]]:
+    """Remove the lowest `head_sparsity` of all heads and `neuron_sparsity` of all FFN neurons by scores computed
+    earlier (`compute_head_importance` / `compute_neuron_importance`), in place.
+
+    Scoring once and removing at several fractions from copies of the model gives candidates with exactly the
+    shapes that pruning at each fraction would give (how `hf-prune optimize` times them before training).
+
+    Returns:
+        {"heads": {layer: [original indices]}, "neurons": {layer: [original indices]}} that are gone.
+    """
+    for name, value in (("head_sparsity", head_sparsity), ("neuron_sparsity", neuron_sparsity)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"prune_by_importance: {name}={value!r} is invalid: a fraction must lie in [0, 1).")
     heads: dict[int, list[int]] = {}
     neurons: dict[int, list[int]] = {}
     if head_sparsity > 0:
-        importance = compute_head_importance(model, dataloader, method=method, max_batches=max_batches,
-                                             progress=progress)
-        heads = select_heads_to_prune(importance, head_sparsity, model=model)
+        if head_importance is None:
+            raise ValueError("prune_by_importance: head_sparsity > 0 needs head_importance.")
+        heads = select_heads_to_prune(head_importance, head_sparsity, model=model)
     if neuron_sparsity > 0:
-        importance = compute_neuron_importance(model, dataloader, method=method, max_batches=max_batches,
-                                               progress=progress)
-        neurons = select_neurons_to_prune(importance, neuron_sparsity, model=model)
+        if neuron_importance is None:
+            raise ValueError("prune_by_importance: neuron_sparsity > 0 needs neuron_importance.")
+        neurons = select_neurons_to_prune(neuron_importance, neuron_sparsity, model=model)
     if heads:
         prune_heads(model, heads)
     if neurons:
         prune_ffn_neurons(model, neurons)
     return {"heads": heads, "neurons": neurons}
-
