@@ -13,6 +13,10 @@ same learning-rate schedule, batch size and data order per seed, and is scored o
 - `two_lines[VARIANT]`: the same two lines with some PruningConfig settings changed (`--two_lines_variants
   local:scope=local cooldown:cooldown_fraction=0.5`): how the defaults were chosen.
 - one arm per hf_prune config file (`--no_recipes` skips them).
+- `--allocations owl allocated`: the first config's recipe again with non-uniform per-module sparsity at the same
+  global target: `owl` (OWL, Yin et al. 2024, computed on that seed's dense model) and `allocated` (the plan of
+  `hf-prune sensitivity`, an `allocation.json` given with `--allocation_file`). The first config's own arm is the
+  uniform one when it ranks locally (`scope: local`, as `configs/default.yaml`).
 
 Writes JSON and Markdown (mean and per-seed accuracy and macro-F1) to benchmarks/results/.
 """
@@ -73,6 +77,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no_two_lines", action="store_true", help="skip the README's two-line callback arm")
     parser.add_argument("--two_lines_variants", nargs="*", default=[],
                         help="extra two-line arms, each NAME:KEY=VALUE[,KEY=VALUE...] of PruningConfig fields")
+    parser.add_argument("--allocations", nargs="*", default=[], choices=["owl", "allocated"],
+                        help="extra arms of the first config with non-uniform sparsity (see above)")
+    parser.add_argument("--allocation_file", default=None,
+                        help="allocation.json written by hf-prune sensitivity (for --allocations allocated)")
     parser.add_argument("--no_recipes", action="store_true", help="skip the arms of the --configs files")
     parser.add_argument("--save_dense", action="store_true",
                         help="save each dense arm to WORKDIR/dense-SEED (a fine-tuned model for hf-prune optimize)")
@@ -84,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
     parser.add_argument("--workdir", default="outputs/bench_sparsity")
     args = parser.parse_args(argv)
+    if "allocated" in args.allocations and not args.allocation_file:
+        parser.error("--allocations allocated needs --allocation_file (allocation.json from hf-prune sensitivity)")
     variants = {}
     for spec in args.two_lines_variants:
         name, _, settings = spec.partition(":")
@@ -167,6 +177,34 @@ def main(argv=None) -> int:
                 args=arm_args(training, name, seed, job.pruning_learning_rate),
                 pruning_config=config,
                 teacher_model=dense.model if job.distill else None,
+                train_dataset=data["train"], compute_metrics=compute_metrics,
+            )
+            trainer.train()
+            record(name, seed, score_arm(trainer, data["test"], config, time.perf_counter() - start))
+
+        first_name, (first_job, first_config, first_training) = next(iter(arms_config.items()))
+        for allocation in args.allocations:
+            if allocation == "owl":
+                from torch.utils.data import DataLoader
+                from transformers import default_data_collator
+
+                from hf_prune import owl_sparsity
+
+                calibration = DataLoader(data["train"].with_format("torch"), batch_size=32, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0), collate_fn=default_data_collator)
+                overrides = owl_sparsity(dense.model, calibration, first_config.target_sparsity,
+                                         targets=first_config.targets, exclude=first_config.exclude, progress=False)
+            else:
+                with open(args.allocation_file, encoding="utf-8") as handle:
+                    overrides = json.load(handle)
+            config = dataclasses.replace(first_config, sparsity_overrides=overrides)
+            name = f"{first_name}+{allocation}"
+            start = time.perf_counter()
+            trainer = PruningTrainer(
+                model=job_data.fresh_model(seed),
+                args=arm_args(first_training, name, seed, first_job.pruning_learning_rate),
+                pruning_config=config,
+                teacher_model=dense.model if first_job.distill else None,
                 train_dataset=data["train"], compute_metrics=compute_metrics,
             )
             trainer.train()

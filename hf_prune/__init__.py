@@ -1,31 +1,41 @@
 """hf_prune: pruning during fine-tuning for Hugging Face Transformers."""
 
+from .allocation import allocate_sparsity, allocate_units, plan_sparsities
 from .callbacks import HeadPruningCallback, MagnitudePruningCallback, MovementPruningCallback, PruningCallback
 from .config import PruningConfig
 from .export import ExportError, ExportResult, ExportVerificationError, export_onnx
 from .finalize import make_permanent, save_pruning_artifacts
 from .masks import sparsity_report
 from .methods import PruningMethod, available_methods, register_method
+from .owl import owl_sparsity
 from .pruner import Pruner
 from .runtime import create_session
 from .schedules import SparsitySchedule
+from .sensitivity import SensitivityResult, analyze_sensitivity
 from .structure import (
     load_pruned,
     prune_ffn_neurons,
     prune_heads,
+    prune_hidden,
+    prune_layers,
     remove_empty_structures,
     save_pruned,
     save_structure,
     structure_summary,
+    zero_hidden_channels,
 )
 from .trainer import PruningTrainer
 from .units import (
     available_unit_criteria,
+    compute_channel_importance,
     compute_head_importance,
+    compute_layer_importance,
     compute_neuron_importance,
     prune_structured,
     register_unit_criterion,
+    select_channels_to_prune,
     select_heads_to_prune,
+    select_layers_to_prune,
     select_neurons_to_prune,
 )
 from .version import __version__
@@ -42,27 +52,40 @@ __all__ = [
     "PruningMethod",
     "PruningTrainer",
     "Pruner",
+    "SensitivityResult",
     "SparsitySchedule",
     "__version__",
+    "allocate_sparsity",
+    "allocate_units",
+    "analyze_sensitivity",
     "available_methods",
     "available_unit_criteria",
+    "compute_channel_importance",
     "compute_head_importance",
+    "compute_layer_importance",
     "compute_neuron_importance",
     "create_session",
     "export_onnx",
     "load_pruned",
     "make_permanent",
+    "owl_sparsity",
+    "plan_sparsities",
     "prune_ffn_neurons",
     "prune_heads",
+    "prune_hidden",
+    "prune_layers",
     "prune_structured",
     "register_method",
     "register_unit_criterion",
     "remove_empty_structures",
     "save_pruned",
     "save_structure",
+    "select_channels_to_prune",
     "select_heads_to_prune",
+    "select_layers_to_prune",
     "select_neurons_to_prune",
     "structure_summary",
+    "zero_hidden_channels",
     "save_pruning_artifacts",
     "sparsity_report",
 ]

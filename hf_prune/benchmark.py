@@ -130,12 +130,14 @@ class BenchmarkArguments:
 def encoder_flops(model: nn.Module, seq_len: int) -> int:
     """Floating-point operations per example in the transformer layers (2 x multiply-accumulates).
 
-    Projections and FFN scale with the kept heads and neurons; attention scores and the weighted sum with the kept
-    heads and seq_len^2. Embeddings and the task head are left out (a lookup and a few thousand MACs).
+    Projections and FFN scale with the kept heads and neurons and with the hidden size left after width pruning;
+    attention scores and the weighted sum with the kept heads and seq_len^2; only the layers left after depth pruning
+    count. Embeddings and the task head are left out (a lookup and a few thousand MACs).
     """
     summary = structure_summary(model)
-    hidden = model.config.hidden_size
-    head_dim = getattr(model.config, "head_dim", None) or hidden // summary["num_attention_heads"]
+    # Read off the model: after width pruning hidden_size // num_attention_heads no longer gives head_dim.
+    hidden = summary["hidden_size"]
+    head_dim = summary["head_dim"]
     total = 0
     for heads, inter in zip(summary["heads_per_layer"], summary["intermediate_sizes"]):
         width = heads * head_dim

@@ -293,11 +293,24 @@ def _packaged_model() -> str:
         ) from None
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (not the one at creation), so redirections
+    made later (notebooks, pytest's capture) see the progress lines."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_job_progress(name: str = "hf_prune.job") -> None:
     """Print the job's progress lines (`dense arm: fine-tuning ...`) on stderr."""
     job_logger = logging.getLogger(name)
     if not any(getattr(h, "_hf_prune_cli", False) for h in job_logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("hf-prune: %(message)s"))
         handler._hf_prune_cli = True  # type: ignore[attr-defined]
         job_logger.addHandler(handler)
@@ -358,6 +371,58 @@ def _optimize(argv: Sequence[str]) -> int:
     print()
     print(format_report(report))
     print(f"Report: {output_dir}/report.md, report.json, report.png")
+    return 0
+
+
+def _sensitivity_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
+    """The `hf-prune sensitivity` parser: SensitivityArguments and DataArguments (max_length 64, as train)."""
+    from .data import DataArguments
+    from .sensitivity import SensitivityArguments
+
+    parser = _command_parser(
+        (SensitivityArguments, DataArguments),
+        {"max_length": TRAIN_DEFAULTS["max_length"]},
+        None,
+        prog="hf-prune sensitivity",
+        description="Measure how a fine-tuned classifier's accuracy (or loss) suffers when each Linear, each "
+        "block's attention, MLP, heads and FFN neurons, and each whole block is pruned alone at each --levels, and "
+        "allocate per-module sparsity for --target_sparsity that prunes sensitive modules less. Measured on the "
+        "validation split when the data has one, else on train (--split). Writes OUTPUT_DIR/sensitivity.json, "
+        "sensitivity.csv, sensitivity.png (heatmap) and allocation.json. Data options are those of hf-prune train.",
+        epilog="allocation.json is a sparsity_overrides mapping (one anchored regex per module): train with it by "
+        "hf-prune train --sparsity_overrides \"$(cat OUTPUT_DIR/allocation.json)\" --target_sparsity T (the same "
+        "T), or in a --config YAML file as `sparsity_overrides:` followed by the file's JSON object (JSON is YAML).",
+    )
+    _set_help(parser, "--dataset_name", _PACKAGED_DATA_HELP)
+    if config_values:
+        parser.set_defaults(**config_values)
+    return parser
+
+
+def _sensitivity(argv: Sequence[str]) -> int:
+    from .data import DataArguments
+    from .job import JobArguments, JobData
+    from .sensitivity import SensitivityArguments, run_sensitivity
+
+    try:
+        args, data_args = _parse_command(argv, (SensitivityArguments, DataArguments), _sensitivity_parser,
+                                         "sensitivity")
+        splits, sources = (None, None) if data_args.has_source else _packaged_splits()
+        job_data = JobData(JobArguments(model_name_or_path=args.model_name_or_path), data_args, splits=splits,
+                           sources=sources)
+        report = run_sensitivity(args, data_args, job_data=job_data)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"hf-prune sensitivity: {err}") from None
+    result = report["result"]
+    print(f"Measured on the {report['split']} split ({report['split_source']}): {result.info['examples']} examples, "
+          f"baseline {result.metric} {result.baseline:.4f}")
+    print(f"Most sensitive at {max(result.levels):.0%}:")
+    for row in result.most_sensitive():
+        print(f"  {row['group']:<60} {row['kind']:<9} {result.metric} {row['metric']:.4f} ({row['delta']:+.4f})")
+    files = report["files"]
+    print(f"Results: {', '.join(files.values())}")
+    print(f"Train with it: hf-prune train --sparsity_overrides \"$(cat {files['allocation']})\" --target_sparsity "
+          f"{args.target_sparsity}")
     return 0
 
 
@@ -527,6 +592,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "optimize": (_optimize, "prune a fine-tuned model to a latency target, recover, export, measure"),
         "export": (_export, "export a checkpoint to ONNX (verified, optimised, optional INT8)"),
         "benchmark": (_benchmark, "latency, size and accuracy of checkpoints in PyTorch and ONNX Runtime"),
+        "sensitivity": (_sensitivity, "per-module pruning sensitivity of a fine-tuned model, and a sparsity plan"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         lines = ["usage: hf-prune COMMAND [options]", "", "commands:"]

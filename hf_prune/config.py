@@ -118,10 +118,12 @@ class PruningConfig:
         },
     )
     scope: Scope = field(
-        default="global",
+        default="local",
         metadata={
-            "help": "'global' ranks all targeted weights together (layers end up with different sparsity); "
-            "'local' gives every targeted module the same sparsity."
+            "help": "'local' (default) gives every targeted module the same sparsity; 'global' ranks all targeted "
+            "weights together, so layers end up with different sparsity. Local is the default because global "
+            "magnitude ranking empties layers whose weights are small by scale, not by importance: at 90% in a plain "
+            "Trainer it kept 5.5 points less accuracy on the packaged MiniLM (benchmarks/results/two_lines.md)."
         },
     )
     targets: list[str] = field(

@@ -56,6 +56,8 @@ QUANTIZATION_MODES = ("dynamic",)
 SPARSE_INITIALIZER_MODES = ("auto", "never")
 # Checkpoint files worth carrying next to the ONNX graphs: they say what was pruned and how.
 _PROVENANCE_FILES = ("pruning_config.json", "sparsity_report.json", "hf_prune_structure.json")
+# Files one of which a folder with a saved tokenizer holds; without them no tokenizer load is attempted.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 _FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "QAttention")
 _SAMPLE_TEXTS = (
     "The service was quick and the staff were friendly.",
@@ -202,13 +204,13 @@ def _prepare_model(
         if not source_dir.is_dir():
             raise FileNotFoundError(f"model_or_path={str(model_or_path)!r} is not a directory with a saved model.")
         model = load_pruned(str(source_dir))
-        if tokenizer is None:
+        if tokenizer is None and any((source_dir / name).is_file() for name in _TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
-            except (OSError, ValueError, TypeError):
-                tokenizer = None
+            except (OSError, ValueError, TypeError, AttributeError, KeyError):
+                tokenizer = None  # optional: only for the sample inputs and to travel with the export
     else:
         raise TypeError(
             f"model_or_path must be a transformers model or a checkpoint directory, got {type(model_or_path).__name__}."
@@ -246,12 +248,15 @@ def _resolve_task(model: nn.Module, task: Optional[str], summary: dict, notes: l
         raise ValueError(f"task={task!r} is not supported for {model_type} by Optimum's exporter; allowed: {sorted(supported)}.")
     # Optimum builds the past key/value inputs from config.num_attention_heads for every layer; a pruned layer has
     # fewer heads, so a graph with a KV cache would be traced with the wrong shapes.
-    if summary.get("pruned_heads") and (task.endswith("-with-past") or (inferred and f"{task}-with-past" in supported)):
+    # Removed hidden channels break the same assumption another way: Optimum derives the head size of the cache
+    # inputs as hidden_size / num_attention_heads.
+    reshaped = summary.get("pruned_heads") or summary.get("pruned_hidden")
+    if reshaped and (task.endswith("-with-past") or (inferred and f"{task}-with-past" in supported)):
         task = task[: -len("-with-past")] if task.endswith("-with-past") else task
-        notes.append(
-            f"exported {task} without the key/value cache: the cache inputs assume every layer keeps all "
-            f"{summary.get('num_attention_heads')} heads, and heads were pruned."
-        )
+        reason = (f"every layer keeps all {summary.get('num_attention_heads')} heads, and heads were pruned"
+                  if summary.get("pruned_heads") else
+                  "head_dim = hidden_size / num_attention_heads, and hidden channels were removed")
+        notes.append(f"exported {task} without the key/value cache: the cache inputs assume {reason}.")
     elif inferred and f"{task}-with-past" in supported:
         task = f"{task}-with-past"  # Optimum's default for decoders: generation reuses the cache
     return task

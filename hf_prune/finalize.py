@@ -47,12 +47,14 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
 
 def pruned_structure(model: nn.Module) -> Optional[dict]:
-    """`structure_summary(model)` when heads or FFN neurons were removed, else None (also for other architectures)."""
+    """`structure_summary(model)` when heads, FFN neurons, layers or hidden channels were removed, else None (also
+    for architectures hf_prune cannot restructure)."""
     try:
         summary = structure_summary(model)
     except ValueError:
         return None
-    return summary if summary["pruned_heads"] or summary["pruned_neurons"] else None
+    removed = ("pruned_heads", "pruned_neurons", "pruned_layers", "pruned_hidden")
+    return summary if any(summary.get(key) for key in removed) else None
 
 
 def _structure_lines(structure: Optional[dict]) -> list[str]:
@@ -62,10 +64,15 @@ def _structure_lines(structure: Optional[dict]) -> list[str]:
     original = structure["num_attention_heads"] * structure["num_layers"]
     lines = [
         "",
-        f"Heads and FFN neurons were removed physically: {heads} of {original} attention heads remain "
+        f"Structure was removed physically: {heads} of {original} attention heads remain "
         f"(per layer: {structure['heads_per_layer']}), FFN sizes per layer {structure['intermediate_sizes']}, "
         f"{structure['parameters']:,} parameters.",
     ]
+    if structure.get("pruned_layers"):
+        lines.append(f"{len(structure['pruned_layers'])} of {structure['original_num_layers']} layers were removed "
+                     f"(original indices {structure['pruned_layers']}).")
+    if structure.get("pruned_hidden"):
+        lines.append(f"The hidden size went from {structure['original_hidden_size']} to {structure['hidden_size']}.")
     if structure["loads_with_from_pretrained"]:
         lines.append("The shapes are recorded in `config.pruned_heads`: plain `from_pretrained` loads it.")
     else:

@@ -48,6 +48,7 @@ from .files import atomic_write_text
 from .finalize import add_results_to_model_card
 from .masks import sparsity_report
 from .metrics import compute_metrics
+from .plot import plot_training
 from .trainer import PruningTrainer
 
 logger = logging.get_logger(__name__)
@@ -282,6 +283,15 @@ def _finish_arm(trainer: Trainer, arm: str, job_data: JobData, arms: dict[str, d
         trainer.create_model_card(model_name=Path(trainer.args.output_dir).name, **card)
 
 
+def write_plots(trainer: PruningTrainer, pruning_config: PruningConfig, output_dir: str) -> dict[str, str]:
+    """`schedule.png` (the pruned arm's sparsity over its steps, with eval accuracy where logged) and
+    `layer_sparsity.png` (the pruned model per layer and module type) in `output_dir`, with matplotlib."""
+    if not trainer.is_world_process_zero():
+        return {}
+    report = sparsity_report(trainer.model, pruning_config.targets, pruning_config.exclude)
+    return plot_training(trainer.state.log_history, report, output_dir)
+
+
 def run_job(
     job: JobArguments,
     data_args: DataArguments,
@@ -302,7 +312,8 @@ def run_job(
     Returns:
         A dict with `data` (description, label names, examples per split), the options, and one entry per arm
         under `arms` (`accuracy`, `macro_f1`, `sparsity`, `nonzero_params`, `params`, `train_seconds`). The same goes
-        to `output_dir/results.json`, and a table to `output_dir/results.md`.
+        to `output_dir/results.json`, and a table to `output_dir/results.md`; with matplotlib, the pruned arm's
+        `schedule.png` and `layer_sparsity.png` go beside them (`write_plots`).
     """
     job_data = job_data if job_data is not None else JobData(job, data_args, splits, sources)
     validate_job(job, training_args, job_data)
@@ -366,6 +377,8 @@ def run_job(
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(output_dir, "results.md"), format_results(results))
     logger.info(f"results: {os.path.join(output_dir, 'results.json')}, {os.path.join(output_dir, 'results.md')}")
+    for path in write_plots(trainer, pruning_config, output_dir).values():
+        logger.info(f"plot: {path}")
     return results
 
 

@@ -210,4 +210,6 @@ def search_least_fraction(
                 low = middle + 1
         return best, tried, True
     finally:
+        bar.total = bar.n  # a bisection may stop early: end the bar at 100%
+        bar.refresh()
         bar.close()

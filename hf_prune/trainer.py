@@ -20,6 +20,7 @@ from .callbacks import PruningCallback
 from .config import PruningConfig
 from .finalize import model_card_section, pruned_structure, write_model_card_section
 from .masks import sparsity_report
+from .plot import plot_training
 from .pruner import Pruner
 
 logger = logging.get_logger(__name__)
@@ -57,6 +58,9 @@ class PruningTrainer(Trainer):
         pruning_config: what, how much and when to prune; default `PruningConfig()` (cubic magnitude to 90%).
         teacher_model: optional dense model whose logits the student learns to match (KL with temperature,
             weighted by `pruning_config.distillation_alpha`); typically the fine-tuned dense model.
+        plot_dir: optional folder; at the end of `train()` the main process writes `schedule.png` (sparsity over
+            the steps, with the eval accuracy where logged) and `layer_sparsity.png` (per layer and module type)
+            there (`hf_prune.plot.plot_training`). Without matplotlib it warns; the training result is unaffected.
         **kwargs: anything `Trainer` accepts (`train_dataset`, `compute_metrics`, `callbacks`, ...).
     """
 
@@ -66,8 +70,10 @@ class PruningTrainer(Trainer):
         args=None,
         pruning_config: Optional[PruningConfig] = None,
         teacher_model: Optional[nn.Module] = None,
+        plot_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
+        self.plot_dir = plot_dir
         self.pruning_config = pruning_config if pruning_config is not None else PruningConfig()
         if not isinstance(self.pruning_config, PruningConfig):
             raise TypeError(f"pruning_config must be a PruningConfig, got {type(self.pruning_config).__name__}.")
@@ -106,7 +112,11 @@ class PruningTrainer(Trainer):
             from transformers.trainer_utils import get_last_checkpoint
 
             self.pruning_callback.resume_from = get_last_checkpoint(self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.plot_dir is not None and self.is_world_process_zero():
+            report = sparsity_report(self.model, self.pruning_config.targets, self.pruning_config.exclude)
+            plot_training(self.state.log_history, report, self.plot_dir)
+        return result
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         optimizer = super().create_optimizer(*args, **kwargs)

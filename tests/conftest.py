@@ -116,6 +116,15 @@ def build_model(arch: str, seed: int = 0):
     return spread_weights(model).eval()
 
 
+def build_deep_model(arch: str, num_layers: int = 4, seed: int = 0):
+    """build_model(arch) with `num_layers` layers instead of 2 (depth pruning needs layers on both sides of a gap)."""
+    template = build_model(arch)
+    config = template.config
+    config.num_hidden_layers = num_layers
+    torch.manual_seed(seed)
+    return spread_weights(type(template)(config)).eval()
+
+
 def layers_of(model, arch):
     base = model.base_model
     if arch == "gpt2":
@@ -240,3 +249,13 @@ def save_two_label_checkpoints(root):
     prune_ffn_neurons(pruned, {0: list(range(32)), 1: list(range(32))})
     save_pruned(pruned, str(root / "pruned"))
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts with no accelerate state: the state is a process-wide singleton, so a bf16 Trainer in one
+    test would otherwise leave later Trainers wrapping their models' forward in bf16 autocast."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

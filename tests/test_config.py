@@ -37,7 +37,7 @@ def test_defaults_validate():
     assert config.target_sparsity == 0.9
     assert config.schedule == "cubic"
     assert config.granularity == "unstructured"
-    assert config.scope == "global"
+    assert config.scope == "local"
     assert config.targets == list(DEFAULT_TARGETS)
     assert config.sparsity_overrides == {}
     # Mutable defaults are per instance.

@@ -1,11 +1,16 @@
-"""Structural pruning: attention heads and FFN neurons removed physically, and the smaller models saved and reloaded.
+"""Structural pruning: attention heads, FFN neurons, whole layers (depth) and hidden channels (width) removed
+physically, and the smaller models saved and reloaded.
 
-Unstructured zeros save nothing at inference; removing whole heads and FFN neurons shrinks the matrices themselves,
-so the model is smaller and faster in PyTorch and in ONNX Runtime alike.
+Unstructured zeros save nothing at inference; removing whole heads, FFN neurons, layers and hidden channels shrinks
+the model itself, so it is smaller and faster in PyTorch and in ONNX Runtime alike.
 
 Numbering. Heads and neurons are always named by their index in the ORIGINAL, unpruned layer, as Transformers'
 `prune_heads` and `config.pruned_heads` do, so repeated calls compose: pruning head 3 of a layer that already lost
 head 1 removes the head that was number 3 in the checkpoint, and naming an already removed head again is a no-op.
+Layers (`prune_layers`) and hidden channels (`prune_hidden`) are named by their original index the same way. The
+layer keys of `prune_heads` / `prune_ffn_neurons` are positions in the CURRENT layer list (as Transformers'); they
+equal the original indices until layers are removed, `original_layer_indices` maps them, and the structure record
+saved in the config keys everything by original index.
 
 Architectures: BERT-style (BERT, RoBERTa, ...), DistilBERT, GPT-2 and Llama-style (Llama, Mistral, Qwen2, ...,
 grouped-query attention included), under Transformers 4.x and 5.x.
@@ -13,8 +18,10 @@ grouped-query attention included), under Transformers 4.x and 5.x.
 Modules, one job each:
     layout    where heads and neurons live per architecture (the public layer view)
     slicing   slicing one Linear / Conv1D in place
-    standins  what replaces an attention or MLP block that lost all its heads or neurons
+    standins  what replaces an attention or MLP block that lost all its heads or neurons; exact-statistics norms
     removal   `prune_heads`, `prune_ffn_neurons`
+    depth     `prune_layers`
+    width     `prune_hidden`, `zero_hidden_channels`, where the residual stream is read and written
     empty     `remove_empty_structures` (heads and neurons that are exactly zero)
     summary   `structure_summary`
     record    the structure record in `config.json`
@@ -23,16 +30,35 @@ Modules, one job each:
 
 from .empty import remove_empty_structures
 from .io import STRUCTURE_NAME, load_pruned, save_pruned, save_structure
-from .layout import NEURONS_ATTR, Layout, UnitSlot, find_layers, head_group_size, head_slots, neuron_slots
+from .depth import prune_layers
+from .layout import (
+    NEURONS_ATTR,
+    Layout,
+    UnitSlot,
+    find_layers,
+    head_group_size,
+    head_slots,
+    neuron_slots,
+    original_layer_indices,
+)
 from .record import CONFIG_ATTR, STRUCTURE_FORMAT_VERSION, record_structure
 from .removal import prune_ffn_neurons, prune_heads
-from .standins import BiasOnly, EmptyAttention, NoHeadsSelfAttention, ZeroWidth
+from .standins import BiasOnly, EmptyAttention, ExactLayerNorm, ExactRMSNorm, NoHeadsSelfAttention, ZeroWidth
 from .summary import structure_summary
+from .width import (
+    hidden_channel_parameters,
+    hidden_norms,
+    hidden_positions,
+    prune_hidden,
+    zero_hidden_channels,
+)
 
 __all__ = [
     "BiasOnly",
     "CONFIG_ATTR",
     "EmptyAttention",
+    "ExactLayerNorm",
+    "ExactRMSNorm",
     "Layout",
     "NEURONS_ATTR",
     "NoHeadsSelfAttention",
@@ -43,13 +69,20 @@ __all__ = [
     "find_layers",
     "head_group_size",
     "head_slots",
+    "hidden_channel_parameters",
+    "hidden_norms",
+    "hidden_positions",
     "load_pruned",
     "neuron_slots",
+    "original_layer_indices",
     "prune_ffn_neurons",
     "prune_heads",
+    "prune_hidden",
+    "prune_layers",
     "record_structure",
     "remove_empty_structures",
     "save_pruned",
     "save_structure",
     "structure_summary",
+    "zero_hidden_channels",
 ]

@@ -1,11 +1,13 @@
 """Saving and reloading structurally pruned models.
 
-Transformers can rebuild a smaller model from its config alone only in one case: Transformers 4.x, head pruning of a
-model that implements `prune_heads`, no layer left without heads (`config.pruned_heads`). Then plain
-`AutoModelFor*.from_pretrained` reloads it. Every other case (FFN neurons, Transformers 5.x, which ignores
-`config.pruned_heads`, Llama-style models, layers without heads) needs `load_pruned`, which rebuilds the shapes from
-the structure record kept in `config.json` (`config.hf_prune_structure`, written by every `save_pretrained`), from
-`hf_prune_structure.json` (written by `save_structure`) and from `config.pruned_heads` when a 4.x checkpoint has it.
+Transformers can rebuild a smaller model from its config alone only in two cases: whole layers removed
+(`config.num_hidden_layers`), and Transformers 4.x head pruning of a model that implements `prune_heads`, no layer
+left without heads (`config.pruned_heads`). Then plain `AutoModelFor*.from_pretrained` reloads it. Every other case
+(FFN neurons, hidden channels, Transformers 5.x, which ignores `config.pruned_heads`, Llama-style models, layers
+without heads) needs `load_pruned`, which builds the model at its original depth and width, then removes what the
+structure record lists: the record kept in `config.json` (`config.hf_prune_structure`, written by every
+`save_pretrained`), `hf_prune_structure.json` (written by `save_structure`) and `config.pruned_heads` when a 4.x
+checkpoint has it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from torch import nn
 from transformers.utils import logging
 
 from ..files import atomic_write_text
-from .record import CONFIG_ATTR, STRUCTURE_FORMAT_VERSION, read_record
+from .record import CONFIG_ATTR, read_record, structure_record
+from .depth import prune_layers
 from .removal import prune_ffn_neurons, prune_heads
+from .standins import ExactLayerNorm, ExactRMSNorm
 from .summary import int_keys, structure_summary
+from .width import prune_hidden
 
 logger = logging.get_logger(__name__)
 
@@ -36,13 +41,14 @@ def save_structure(model: nn.Module, directory: str) -> str:
     from ..version import __version__
 
     summary = structure_summary(model)
+    # The record's keys win: head and neuron lists keyed by ORIGINAL layer index, as `load_pruned` reads them.
+    record = structure_record(model) or {"format_version": 1, "pruned_heads": {}, "pruned_neurons": {}}
     payload = {
-        "format_version": STRUCTURE_FORMAT_VERSION,
+        "format_version": record["format_version"],
         "hf_prune_version": __version__,
         "transformers_version": transformers.__version__,
         **summary,
-        "pruned_heads": {str(k): v for k, v in summary["pruned_heads"].items()},
-        "pruned_neurons": {str(k): v for k, v in summary["pruned_neurons"].items()},
+        **record,
     }
     return atomic_write_text(os.path.join(directory, STRUCTURE_NAME), json.dumps(payload, indent=2) + "\n")
 
@@ -139,14 +145,48 @@ def _load_state_strictly(model: nn.Module, state: dict[str, torch.Tensor], direc
     model.load_state_dict(state, strict=False)
 
 
+def _kept_layers(config: Any, structure: dict, directory: str) -> list[int]:
+    """ORIGINAL indices of the layers in the checkpoint, in order."""
+    saved = int(config.num_hidden_layers)
+    if not structure.get("pruned_layers"):
+        return list(range(saved))
+    removed = set(structure["pruned_layers"])
+    kept = [i for i in range(structure["original_num_layers"]) if i not in removed]
+    if len(kept) != saved:
+        raise ValueError(
+            f"hf_prune.load_pruned: the structure record of {directory!r} keeps {len(kept)} of "
+            f"{structure['original_num_layers']} layers but config.num_hidden_layers={saved}; the structure record "
+            "does not belong to this config."
+        )
+    return kept
+
+
+def _restore_original_sizes(config: Any, structure: dict, kept_layers: list[int]) -> None:
+    """Set the config back to the unpruned depth and width, which the pruning calls then remove again."""
+    if structure.get("pruned_layers"):
+        original = structure["original_num_layers"]
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(kept_layers):
+            # Removed layers are dropped again right after the build: any valid type will do for them.
+            full = [layer_types[0]] * original
+            for pos, layer in enumerate(kept_layers):
+                full[layer] = layer_types[pos]
+            config.layer_types = full
+        config.num_hidden_layers = original
+    if structure.get("pruned_hidden"):
+        config.hidden_size = structure["original_hidden_size"]
+
+
 def load_pruned(
     path_or_repo_id: str, model_class: Optional[type] = None, **from_pretrained_kwargs: Any
 ) -> nn.Module:
     """Load a structurally pruned checkpoint: rebuild the shapes, then load the weights strictly.
 
-    The model is built from `config.json` (class from `config.architectures` when `model_class` is None), the heads
-    and neurons recorded in `hf_prune_structure.json` and in `config.pruned_heads` (what Transformers 4.x writes,
-    which 5.x ignores) are removed, and the safetensors weights are loaded; any missing, unexpected or mis-shaped
+    The model is built from `config.json` (class from `config.architectures` when `model_class` is None) at the
+    depth and hidden size it had before pruning; the heads and neurons recorded in the config, in
+    `hf_prune_structure.json` and in `config.pruned_heads` (what Transformers 4.x writes, which 5.x ignores) are
+    removed, then the recorded layers and hidden channels (with exact-statistics norms if they were used), and the
+    safetensors weights are loaded; any missing, unexpected or mis-shaped
     tensor raises a ValueError. Works for checkpoints saved under Transformers 4.x and 5.x alike.
 
     Args:
@@ -180,9 +220,21 @@ def load_pruned(
             raise ValueError(f"hf_prune.load_pruned: {structure_path} is not valid JSON ({err}).") from None
     from_config = read_record(getattr(config, CONFIG_ATTR, None), f"{directory}/config.json ({CONFIG_ATTR})")
     structure = {**from_config, **from_file}
+    pruned_layers = structure.get("pruned_layers", [])
+    pruned_hidden = structure.get("pruned_hidden", [])
+    kept_layers = _kept_layers(config, structure, directory)
     heads: dict[int, list[int]] = {}
     neurons: dict[int, list[int]] = {}
-    for source in (from_config, from_file, {"pruned_heads": int_keys(getattr(config, "pruned_heads", None) or {})}):
+    # config.pruned_heads (Transformers' field) is keyed by position in the saved layer list; the record by
+    # original layer index.
+    config_heads = int_keys(getattr(config, "pruned_heads", None) or {})
+    if any(not 0 <= k < len(kept_layers) for k in config_heads):
+        raise ValueError(
+            f"hf_prune.load_pruned: config.pruned_heads of {directory!r} names layers {sorted(config_heads)} but the "
+            f"checkpoint has {len(kept_layers)} layers."
+        )
+    config_heads = {kept_layers[k]: v for k, v in config_heads.items()}
+    for source in (from_config, from_file, {"pruned_heads": config_heads}):
         for layer, units in source.get("pruned_heads", {}).items():
             heads[layer] = sorted(set(heads.get(layer, [])) | set(units))
         for layer, units in source.get("pruned_neurons", {}).items():
@@ -192,18 +244,27 @@ def load_pruned(
         # prune_heads below records them again.
         config.pruned_heads = {}
     if hasattr(config, CONFIG_ATTR):
-        delattr(config, CONFIG_ATTR)  # rebuilt from the model by prune_heads / prune_ffn_neurons below
+        delattr(config, CONFIG_ATTR)  # rebuilt from the model by the pruning calls below
+    _restore_original_sizes(config, structure, kept_layers)
 
     cls = _model_class(config, model_class)
     if cls.__name__.startswith("Auto"):
         model = cls.from_config(config, **build_kwargs)
     else:
         model = cls._from_config(config, **build_kwargs)
+    # Heads and neurons first, while the layers still have their original indices.
     prune_heads(model, heads)
     prune_ffn_neurons(model, neurons)
+    prune_layers(model, pruned_layers)
+    norm_elements = structure.get("norm_elements")
+    prune_hidden(model, pruned_hidden, exact=norm_elements is not None)
+    if norm_elements is not None:
+        for module in model.modules():
+            if isinstance(module, (ExactLayerNorm, ExactRMSNorm)):
+                module.elements = norm_elements
     if structure:
         summary = structure_summary(model)
-        for key in ("heads_per_layer", "intermediate_sizes"):
+        for key in ("heads_per_layer", "intermediate_sizes", "num_layers", "hidden_size", "norm_elements"):
             if key in structure and structure[key] != summary[key]:
                 raise ValueError(
                     f"hf_prune.load_pruned: the structure record of {directory!r} says {key}={structure[key]} but "

@@ -1,7 +1,9 @@
-"""Where the heads and FFN neurons of each transformer layer live, per architecture (public: the layer view).
+"""Where the heads, FFN neurons, layers and hidden channels of each architecture live (public: the layer view).
 
 `find_layers(model)` returns the `Layout` of the model's architecture and its list of transformer layers; the
-functions below read, for one layer, which heads and neurons it still has in the ORIGINAL numbering. Everything
+functions below read, for one layer, which heads and neurons it still has in the ORIGINAL numbering, which layers
+are gone from the list (`original_layer_indices`), and where the residual stream is read and written
+(`HiddenLayout`, for width pruning). Everything
 else in `hf_prune.structure` (removal, empty-structure detection, summaries) and `hf_prune.units` (importance,
 gradual masking) goes through this one view, so supporting a new architecture means adding one `Layout`.
 """
@@ -13,7 +15,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .slicing import in_width_of
+from .slicing import in_width_of, out_width_of
 from .standins import TRANSFORMERS_MAJOR
 
 NEURONS_ATTR = "hf_prune_pruned_neurons"
@@ -27,6 +29,14 @@ def get_module(root: nn.Module, path: str) -> Any:
 def set_module(root: nn.Module, path: str, value: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(get_module(root, parent) if parent else root, name, value)
+
+
+def module_path(root: nn.Module, module: nn.Module) -> str:
+    """The dotted path of `module` inside `root` ("" for `root` itself)."""
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return name
+    raise ValueError(f"hf_prune: {type(module).__name__} is not a submodule of {type(root).__name__}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,3 +259,109 @@ def native_prune_heads_available(model: nn.Module, layout: Layout) -> bool:
     )
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers (depth) and hidden channels (width)
+# ----------------------------------------------------------------------------------------------------------------
+
+LAYERS_ATTR = "hf_prune_pruned_layers"  # on the layer list: ORIGINAL indices of the layers removed
+HIDDEN_ATTR = "hf_prune_pruned_hidden"  # on the base model: ORIGINAL indices of the hidden channels removed
+
+
+def pruned_layers_of(layers: nn.ModuleList) -> set[int]:
+    return set(getattr(layers, LAYERS_ATTR, set()) or set())
+
+
+def original_layer_indices(model: nn.Module) -> list[int]:
+    """The ORIGINAL index of each layer still present, in order (`[0, 1, ...]` until layers are removed).
+
+    Layer keys of `prune_heads`, `prune_ffn_neurons` and the importance tensors are positions in the current layer
+    list (what Transformers' own `prune_heads` and `config.pruned_heads` index); this maps them to the original layer
+    numbers that `prune_layers` and the saved structure record use.
+    """
+    _, layers = find_layers(model)
+    pruned = pruned_layers_of(layers)
+    return [i for i in range(len(layers) + len(pruned)) if i not in pruned]
+
+
+def pruned_hidden_of(model: nn.Module) -> set[int]:
+    return set(getattr(getattr(model, "base_model", model), HIDDEN_ATTR, set()) or set())
+
+
+def hidden_size_of(layout: Layout, layers: nn.ModuleList) -> int:
+    """Width of the residual stream: what the attention output projection writes."""
+    return out_width_of(get_module(layers[0], layout.output))
+
+
+@dataclass(frozen=True)
+class HiddenLayout:
+    """Where the residual stream (hidden size) is read and written, beyond the per-layer projections of `Layout`.
+
+    Paths are relative to the base model (`model.base_model`) unless named `layer_*` (relative to one layer).
+    """
+
+    embeddings: tuple[str, ...]  # nn.Embedding tables whose rows are hidden vectors
+    norms: tuple[str, ...]  # LayerNorm / RMSNorm over the hidden size outside the layers
+    layer_norms: tuple[str, ...]
+    size_attrs: tuple[str, ...]  # "path.attribute" holding the hidden size, kept in step (bookkeeping only)
+    layer_size_attrs: tuple[str, ...]
+    model_types: tuple[str, ...]  # config.model_type values whose forward reads nothing else of the hidden size
+
+
+HIDDEN_LAYOUTS = {
+    "bert": HiddenLayout(
+        embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
+        norms=("embeddings.LayerNorm",),
+        layer_norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        size_attrs=(),
+        layer_size_attrs=(),
+        model_types=("bert", "roberta", "xlm-roberta", "camembert"),
+    ),
+    "distilbert": HiddenLayout(
+        embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings"),
+        norms=("embeddings.LayerNorm",),
+        layer_norms=("sa_layer_norm", "output_layer_norm"),
+        size_attrs=(),
+        layer_size_attrs=(),
+        model_types=("distilbert",),
+    ),
+    "gpt2": HiddenLayout(
+        embeddings=("wte", "wpe"),
+        norms=("ln_f",),
+        layer_norms=("ln_1", "ln_2"),
+        size_attrs=(".embed_dim",),
+        layer_size_attrs=("attn.embed_dim",),
+        model_types=("gpt2",),
+    ),
+    "llama": HiddenLayout(
+        embeddings=("embed_tokens",),
+        norms=("norm",),
+        layer_norms=("input_layernorm", "post_attention_layernorm"),
+        size_attrs=(),
+        layer_size_attrs=(".hidden_size", "mlp.hidden_size"),
+        # Not Gemma-style models: they scale the embeddings by sqrt(hidden_size) in the forward.
+        model_types=("llama", "mistral", "qwen2"),
+    ),
+}
+
+# Task heads that read the last hidden states, relative to the whole model (the pooler relative to the base model).
+# An adapter maps the hidden states into a space of its own (pooled, pre-classifier): its inputs are the residual
+# stream, its outputs are not, so what reads them ("classifier" after an adapter) keeps its shape.
+BASE_ADAPTERS = ("pooler.dense",)
+HEAD_ADAPTERS = ("classifier.dense", "pre_classifier")
+HEAD_READERS = ("qa_outputs", "score", "lm_head")
+ADAPTED_READERS = ("classifier", "classifier.out_proj")  # read an adapter's output when there is one
+
+
+def hidden_layout(model: nn.Module, layout: Layout) -> HiddenLayout:
+    """The `HiddenLayout` of `model`, or a ValueError naming its model type and the supported ones."""
+    spec = HIDDEN_LAYOUTS.get(layout.name)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if spec is None or model_type not in spec.model_types:
+        supported = sorted(t for s in HIDDEN_LAYOUTS.values() for t in s.model_types)
+        raise ValueError(
+            f"hf_prune: width pruning supports model types {supported}; {type(model).__name__} has "
+            f"model_type={model_type!r}."
+        )
+    return spec

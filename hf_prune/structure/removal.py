@@ -57,7 +57,8 @@ def _config_records_heads(model: nn.Module, layout: Layout) -> bool:
     )
 
 
-def _sync_config_pruned_heads(model: nn.Module, layout: Layout, layers: nn.ModuleList) -> None:
+def sync_config_pruned_heads(model: nn.Module, layout: Layout, layers: nn.ModuleList) -> None:
+    """Write `config.pruned_heads` (keyed by position in the current layer list) where `_config_records_heads`."""
     if not _config_records_heads(model, layout):
         return
     model.config.pruned_heads = {
@@ -211,7 +212,7 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
         else:
             _empty_attention(layout, layer, pruned)
     if native or own:
-        _sync_config_pruned_heads(model, layout, layers)
+        sync_config_pruned_heads(model, layout, layers)
         record_structure(model)
         logger.info("hf_prune: removed heads %s", dict(sorted({**native, **own}.items())))
     return model

@@ -53,12 +53,16 @@ def keep_inputs(module: nn.Module, index: torch.Tensor, name: str) -> None:
 def in_width_of(module: nn.Module) -> int:
     if isinstance(module, BiasOnly):
         return 0
+    if isinstance(module, ZeroWidth):
+        return module.in_features
     return matrix_view(module).shape[1]
 
 
 def out_width_of(module: nn.Module) -> int:
     if isinstance(module, ZeroWidth):
         return 0
+    if isinstance(module, BiasOnly):
+        return module.out_features
     return matrix_view(module).shape[0]
 
 

@@ -145,3 +145,74 @@ class EmptyAttention(nn.Module):
         return out, None
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norms that keep the statistics of the width before hidden channels were removed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ExactLayerNorm(nn.Module):
+    """LayerNorm over the hidden channels left, with mean and variance taken over `elements` channels.
+
+    Removing hidden channels changes the number of elements a LayerNorm averages over, so removal is not exact even
+    when the removed channels were zero. A zero channel adds 0 to the sum and (0 - mean)^2 to the squared deviations,
+    so with N = `elements` (the width the norm averaged over before) and n channels left:
+
+        mean = sum(x) / N,   var = (sum((x - mean)^2) + (N - n) * mean^2) / N
+
+    which is exactly what the wider LayerNorm computed. The price is speed: ONNX Runtime fuses `nn.LayerNorm` into
+    one kernel, this runs as a handful of element-wise ops. Minitron (Muralidharan et al. 2024) uses plain LayerNorms
+    of the new width and recovers by distillation; `prune_hidden(..., exact=False)` does that.
+    """
+
+    def __init__(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, elements: int) -> None:
+        super().__init__()
+        self.weight = None if weight is None else nn.Parameter(weight.detach().clone(), weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+        self.eps = eps
+        self.elements = elements
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()  # as nn.LayerNorm: statistics in float32 whatever the input dtype
+        mean = x.sum(-1, keepdim=True) / self.elements
+        centered = x - mean
+        missing = self.elements - x.shape[-1]
+        var = (centered.pow(2).sum(-1, keepdim=True) + missing * mean.pow(2)) / self.elements
+        out = centered * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(dtype)
+
+    def extra_repr(self) -> str:
+        width = None if self.weight is None else self.weight.shape[0]
+        return f"width={width}, elements={self.elements}, eps={self.eps}"
+
+
+class ExactRMSNorm(nn.Module):
+    """RMSNorm (Llama-style: float32 statistics, weight applied in the input dtype) with the mean of squares taken
+    over `elements` channels, so that removing zero channels leaves the output exact; see `ExactLayerNorm`.
+
+    `plain_class` is the RMSNorm class it replaced (built as `plain_class(width, eps=eps)`), so that pruning again
+    with `exact=False` gets the model's own norm back.
+    """
+
+    def __init__(self, weight: Optional[torch.Tensor], eps: float, elements: int, plain_class: type) -> None:
+        super().__init__()
+        self.weight = None if weight is None else nn.Parameter(weight.detach().clone(), weight.requires_grad)
+        self.eps = eps
+        self.elements = elements
+        self.plain_class = plain_class
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.elements + self.eps)
+        return x.to(dtype) if self.weight is None else self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        width = None if self.weight is None else self.weight.shape[0]
+        return f"width={width}, elements={self.elements}, eps={self.eps}"

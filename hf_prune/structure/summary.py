@@ -9,12 +9,17 @@ from torch import nn
 from .layout import (
     find_layers,
     group_size_of,
+    head_dim_of,
+    hidden_size_of,
     kept_heads_of,
     kept_neurons_of,
     native_prune_heads_available,
     pruned_heads_of,
+    pruned_hidden_of,
+    pruned_layers_of,
     pruned_neurons_of,
 )
+from .standins import ExactLayerNorm, ExactRMSNorm
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -26,7 +31,11 @@ def structure_summary(model: nn.Module) -> dict:
         {"architecture", "num_layers", "num_attention_heads" (original, per layer), "heads_per_layer",
         "pruned_heads" {layer: [original indices]}, "key_value_heads_per_layer", "head_group_size",
         "intermediate_size" (original), "intermediate_sizes", "pruned_neurons" {layer: [original indices]},
-        "parameters", "loads_with_from_pretrained"}.
+        "original_num_layers", "pruned_layers" [original layer indices], "hidden_size", "original_hidden_size",
+        "pruned_hidden" [original channel indices], "norm_elements" (the element count of the exact-statistics
+        norms, None with plain norms), "head_dim", "parameters", "loads_with_from_pretrained"}.
+        Per-layer keys and lists follow the CURRENT layer list (what `prune_heads` indexes); the structure record
+        in the config re-keys them to original layer indices.
     """
     layout, layers = find_layers(model)
     heads_per_layer, kv_per_layer, pruned_heads, sizes, pruned_neurons = [], [], {}, [], {}
@@ -44,7 +53,12 @@ def structure_summary(model: nn.Module) -> dict:
         original_size = max(original_size, len(kept_neurons) + len(pruned_neurons_of(layout, layer)))
         if pruned_neurons_of(layout, layer):
             pruned_neurons[i] = sorted(pruned_neurons_of(layout, layer))
-    loads_plainly = not pruned_neurons and (
+    pruned_hidden = sorted(pruned_hidden_of(model))
+    hidden = hidden_size_of(layout, layers)
+    norm_elements = next(
+        (m.elements for m in model.modules() if isinstance(m, (ExactLayerNorm, ExactRMSNorm))), None
+    )
+    loads_plainly = not pruned_neurons and not pruned_hidden and (
         not pruned_heads
         or (native_prune_heads_available(model, layout) and all(heads_per_layer) and _config_matches(model, pruned_heads))
     )
@@ -59,6 +73,13 @@ def structure_summary(model: nn.Module) -> dict:
         "intermediate_size": original_size,
         "intermediate_sizes": sizes,
         "pruned_neurons": pruned_neurons,
+        "original_num_layers": len(layers) + len(pruned_layers_of(layers)),
+        "pruned_layers": sorted(pruned_layers_of(layers)),
+        "hidden_size": hidden,
+        "original_hidden_size": hidden + len(pruned_hidden),
+        "pruned_hidden": pruned_hidden,
+        "norm_elements": norm_elements,
+        "head_dim": head_dim_of(layout, layers[0]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "loads_with_from_pretrained": bool(loads_plainly),
     }

@@ -8,7 +8,8 @@ layer's ORIGINAL numbering, as `prune_heads` and `prune_ffn_neurons` expect; uni
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -99,6 +100,55 @@ def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
+@contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode with every parameter frozen (no `.grad` is created or changed) while scoring; train/eval mode and
+    `requires_grad` are restored afterwards, also on errors."""
+    training = {m: m.training for m in model.modules()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.training = flag
+
+
+def scoring_batches(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    max_batches: Optional[int],
+    description: str,
+    progress: bool,
+) -> Iterator[dict[str, Any]]:
+    """The first `max_batches` batches of `dataloader` on the model's device, with a tqdm bar; raises a ValueError
+    when there is none."""
+    device = next(model.parameters()).device
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    batches = 0
+    for batch in tqdm(dataloader, total=total, desc=description, disable=not progress):
+        if max_batches is not None and batches >= max_batches:
+            break
+        batches += 1
+        yield move_batch(batch, device)
+    if batches == 0:
+        raise ValueError("hf_prune: the dataloader yielded no batches; importance needs at least one.")
+
+
+def token_mask(batch: Mapping[str, Any], shape: torch.Size) -> Optional[torch.Tensor]:
+    """The batch's attention mask as float (batch, tokens) when it matches `shape`, else None (every token counts)."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(shape):
+        return mask.float()
+    return None
+
+
 def score_units(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
@@ -121,29 +171,14 @@ def score_units(
     def make_hook(slot: UnitSlot):
         return lambda module, args: criterion.hook(slot, module, args, state)
 
-    training = {m: m.training for m in model.modules()}
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
     handles = [slot.module.register_forward_pre_hook(make_hook(slot)) for slot in live]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     batches = 0
     try:
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None
-        if total is not None and max_batches is not None:
-            total = min(total, max_batches)
-        for batch in tqdm(dataloader, total=total, desc=description, disable=not progress):
-            if max_batches is not None and batches >= max_batches:
-                break
-            criterion.run_batch(model, move_batch(batch, device), live, state, totals)
-            batches += 1
+        with scoring_mode(model):
+            for batch in scoring_batches(model, dataloader, max_batches, description, progress):
+                criterion.run_batch(model, batch, live, state, totals)
+                batches += 1
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.training = flag
-    if batches == 0:
-        raise ValueError("hf_prune: the dataloader yielded no batches; importance needs at least one.")
     return [t / batches for t in totals]

@@ -1,6 +1,7 @@
 """Which heads and FFN neurons to remove: the lowest-scoring ones across all layers, whole key/value groups under
 grouped-query attention, already removed ones counted towards the fraction (so a growing fraction over a schedule
-removes units gradually)."""
+removes units gradually). With a per-layer budget (`layer_budget`, e.g. from `hf_prune.allocate_units`), each layer
+loses exactly its own count instead: the lowest-scoring units of that layer."""
 
 from __future__ import annotations
 
@@ -14,17 +15,24 @@ from ..structure import structure_summary
 
 def select_units(
     scores: dict[int, torch.Tensor],
-    fraction: float,
+    fraction: Optional[float],
     already: dict[int, set[int]],
     group_size: int,
     min_per_layer: int,
     allow_remove_all: bool,
     kind: str,
+    budget: Optional[Mapping[int, int]] = None,
 ) -> dict[int, list[int]]:
-    """Lowest-scoring units across all layers until `fraction` of all units is gone (already removed ones count)."""
-    if not 0.0 <= fraction <= 1.0:
+    """Lowest-scoring units across all layers until `fraction` of all units is gone (already removed ones count), or,
+    with `budget` ({layer: units to be gone}), the lowest-scoring units of each layer until its budget is gone."""
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
         raise ValueError(f"hf_prune: the fraction of {kind} to prune must be in [0, 1], got {fraction}.")
     total_units = sum(len(s) for s in scores.values())
+    if budget is not None:
+        return select_within_budget(scores, fraction, budget, already, group_size, min_per_layer, allow_remove_all,
+                                    kind)
+    if fraction is None:
+        raise ValueError(f"hf_prune: give the fraction of {kind} to prune, or a per-layer layer_budget.")
     target_groups = int(round(fraction * total_units / group_size))
     candidates = []  # (score, layer, group)
     gone_groups = 0
@@ -58,15 +66,69 @@ def select_units(
     return {layer: sorted(units) for layer, units in sorted(result.items()) if units}
 
 
+def select_within_budget(
+    scores: dict[int, torch.Tensor],
+    fraction: Optional[float],
+    budget: Mapping[int, int],
+    already: dict[int, set[int]],
+    group_size: int,
+    min_per_layer: int,
+    allow_remove_all: bool,
+    kind: str,
+) -> dict[int, list[int]]:
+    """Each layer's lowest-scoring groups until `budget[layer]` of its units are gone (0 for layers not named).
+
+    Units already removed count towards their layer's budget and stay removed, so a layer that already lost more
+    than its budget keeps its removals (removal is monotone). With a `fraction` too, the budget must remove the same
+    number of units a global selection would; that guards against a budget made for another fraction.
+    """
+    budget = {int(layer): count for layer, count in budget.items()}
+    unknown = sorted(set(budget) - set(scores))
+    if unknown:
+        raise ValueError(f"hf_prune: layer_budget names layer(s) {unknown} that the model does not have; its layers "
+                         f"are {sorted(scores)}.")
+    total_units = sum(len(s) for s in scores.values())
+    for layer, count in budget.items():
+        units = len(scores[layer])
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= units - min_per_layer:
+            raise ValueError(f"hf_prune: layer_budget[{layer}]={count!r} is invalid: a whole number of {kind} in "
+                             f"[0, {units - min_per_layer}] (layer {layer} has {units}, min per layer "
+                             f"{min_per_layer}).")
+        if count % group_size:
+            raise ValueError(f"hf_prune: layer_budget[{layer}]={count} is invalid: {kind} go in groups of "
+                             f"{group_size} (grouped-query attention); give a multiple of {group_size}.")
+    wanted = sum(budget.values())
+    if fraction is not None and wanted // group_size != int(round(fraction * total_units / group_size)):
+        raise ValueError(f"hf_prune: layer_budget removes {wanted} {kind} but fraction={fraction} of {total_units} "
+                         f"removes {int(round(fraction * total_units / group_size)) * group_size}; give the fraction "
+                         "the budget was made for (hf_prune.allocate_units), or fraction=None.")
+    if wanted >= total_units and not allow_remove_all:
+        raise ValueError(f"hf_prune: layer_budget removes all {total_units} {kind} of the model; pass "
+                         "allow_remove_all=True if that is meant.")
+    result = {layer: set(units) for layer, units in already.items() if units}
+    for layer, row in scores.items():
+        gone = result.setdefault(layer, set())
+        candidates = []
+        for g in range(len(row) // group_size):
+            members = range(g * group_size, (g + 1) * group_size)
+            if not all(m in gone for m in members):
+                candidates.append((float(row[g * group_size : (g + 1) * group_size].sum()), g))
+        missing_groups = (budget.get(layer, 0) - len(gone)) // group_size
+        for _, g in sorted(candidates)[: max(missing_groups, 0)]:
+            gone.update(range(g * group_size, (g + 1) * group_size))
+    return {layer: sorted(units) for layer, units in sorted(result.items()) if units}
+
+
 def select_heads_to_prune(
     importance: torch.Tensor,
-    fraction: float,
+    fraction: Optional[float] = None,
     *,
     model: Optional[nn.Module] = None,
     already_pruned: Optional[Mapping[int, Iterable[int]]] = None,
     group_size: Optional[int] = None,
     min_heads_per_layer: int = 0,
     allow_remove_all: bool = False,
+    layer_budget: Optional[Mapping[int, int]] = None,
 ) -> dict[int, list[int]]:
     """The heads to be gone so that `fraction` of all heads is removed, lowest importance first, across layers.
 
@@ -79,6 +141,9 @@ def select_heads_to_prune(
         group_size: query heads that go together (grouped-query attention); groups are ranked by summed importance.
         min_heads_per_layer: heads every layer keeps (0: a layer may lose all heads).
         allow_remove_all: by default at least one head (group) stays in the model.
+        layer_budget: {layer: heads to be gone in that layer, already removed ones included} (e.g. from
+            `hf_prune.allocate_units`): each layer loses exactly its budget, its lowest-importance heads first
+            (layers not named: none). `fraction` may then be None; when given, the budget must add up to it.
 
     Returns:
         {layer: sorted original head indices}, the complete set to be gone (already removed included); pass it to
@@ -90,27 +155,30 @@ def select_heads_to_prune(
         group_size = summary["head_group_size"] if group_size is None else group_size
     scores = {layer: importance[layer].detach().float().cpu() for layer in range(importance.shape[0])}
     already = {int(k): {int(h) for h in v} for k, v in (already_pruned or {}).items()}
-    return select_units(scores, fraction, already, group_size or 1, min_heads_per_layer, allow_remove_all, "heads")
+    return select_units(scores, fraction, already, group_size or 1, min_heads_per_layer, allow_remove_all, "heads",
+                        layer_budget)
 
 
 def select_neurons_to_prune(
     importance: Mapping[int, torch.Tensor],
-    fraction: float,
+    fraction: Optional[float] = None,
     *,
     model: Optional[nn.Module] = None,
     already_pruned: Optional[Mapping[int, Iterable[int]]] = None,
     min_neurons_per_layer: int = 0,
     allow_remove_all: bool = False,
+    layer_budget: Optional[Mapping[int, int]] = None,
 ) -> dict[int, list[int]]:
     """The FFN neurons to be gone so that `fraction` of all neurons is removed, lowest importance first, globally.
 
     Same conventions as `select_heads_to_prune`: `importance` from `compute_neuron_importance`, original numbering,
     already removed neurons count towards `fraction` and are part of the result, at least one neuron stays in the
-    model unless `allow_remove_all`.
+    model unless `allow_remove_all`; `layer_budget` ({layer: neurons to be gone}) sets each layer's count instead.
     """
     if model is not None and already_pruned is None:
         already_pruned = structure_summary(model)["pruned_neurons"]
     scores = {int(layer): row.detach().float().cpu() for layer, row in importance.items()}
     already = {int(k): {int(n) for n in v} for k, v in (already_pruned or {}).items()}
-    return select_units(scores, fraction, already, 1, min_neurons_per_layer, allow_remove_all, "neurons")
+    return select_units(scores, fraction, already, 1, min_neurons_per_layer, allow_remove_all, "neurons",
+                        layer_budget)
 

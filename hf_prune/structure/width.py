@@ -1,0 +1,395 @@
+"""Width pruning: hidden (residual-stream) channels removed physically, in place, in the ORIGINAL numbering.
+
+Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation") prunes the
+embedding dimension of a transformer alongside heads, FFN neurons and layers. One hidden channel is one column of
+every embedding table, one output row of every projection that writes the residual stream (attention output, FFN
+down projection), one input column of every projection that reads it (query/key/value, FFN up/gate, the pooler and
+task heads, the LM head, tied to the embeddings or not) and one element of every LayerNorm / RMSNorm over it; all of
+them go together. Heads keep their `head_dim`: only the matrices' hidden side shrinks.
+
+Norms. A LayerNorm or RMSNorm averages over the hidden channels, so removing channels changes its statistics even
+when those channels were zero: plain removal is not exact. `exact=True` replaces every norm over the hidden size by
+`ExactLayerNorm` / `ExactRMSNorm`, which keep the element count of the width before removal, so removing channels
+that were zero everywhere (`zero_hidden_channels`) leaves the outputs unchanged. The default, `exact=False`, keeps
+the model's own norms at the new width, as Minitron does (a distilled recovery fine-tune follows), because a plain
+`nn.LayerNorm` is what ONNX Runtime fuses into a single kernel, and speed is what width pruning is for.
+
+Channels are named by their index in the ORIGINAL hidden size, so repeated calls compose: naming an already removed
+channel again is a no-op. The change is recorded in `config.hidden_size` (`n_embd`, `dim`) and in the structure
+record; `load_pruned` rebuilds it. The pruned parameters are new tensors: build the optimizer afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..linear import is_conv1d, is_prunable_module
+from .layout import (
+    ADAPTED_READERS,
+    BASE_ADAPTERS,
+    HEAD_ADAPTERS,
+    HEAD_READERS,
+    HIDDEN_ATTR,
+    find_layers,
+    head_dim_of,
+    hidden_layout,
+    hidden_size_of,
+    module_path,
+    pruned_hidden_of,
+    set_module,
+)
+from .record import check_config_change, record_structure
+from .slicing import check_plain
+from .standins import BiasOnly, ExactLayerNorm, ExactRMSNorm, ZeroWidth
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class HiddenSites:
+    """Every module that touches the residual stream, by path from the model root."""
+
+    width: int  # current hidden size
+    original: int  # hidden size before any channel was removed
+    pruned: set[int]  # ORIGINAL indices of the channels already removed
+    embeddings: list[tuple[str, nn.Module]] = field(default_factory=list)
+    norms: list[tuple[str, nn.Module]] = field(default_factory=list)
+    readers: list[tuple[str, nn.Module]] = field(default_factory=list)  # inputs are hidden channels
+    writers: list[tuple[str, nn.Module]] = field(default_factory=list)  # outputs are hidden channels
+    untouched: list[tuple[str, nn.Module]] = field(default_factory=list)  # head modules after an adapter
+    size_attrs: list[tuple[object, str]] = field(default_factory=list)  # (object, attribute) holding the width
+
+    def kept(self) -> list[int]:
+        """ORIGINAL indices of the channels present, in the order of their positions."""
+        return [c for c in range(self.original) if c not in self.pruned]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _optional(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _norm_kind(module: nn.Module) -> str:
+    if isinstance(module, (nn.LayerNorm, ExactLayerNorm)):
+        return "layer"
+    if isinstance(module, ExactRMSNorm) or type(module).__name__.endswith("RMSNorm"):
+        return "rms"
+    return ""
+
+
+def hidden_sites(model: nn.Module) -> HiddenSites:
+    """Where `model` reads and writes its residual stream (raises a ValueError for unsupported models).
+
+    Every parameter of the model with a dimension equal to the hidden size must belong to one of the sites found:
+    a module hf_prune does not know (a cross-attention, a masked-LM transform, a summary head) raises a ValueError
+    naming it instead of being left at the old width.
+    """
+    layout, layers = find_layers(model)
+    spec = hidden_layout(model, layout)
+    base = getattr(model, "base_model", model)
+    base_path = module_path(model, base)
+    layers_path = module_path(model, layers)
+    pruned = pruned_hidden_of(model)
+    width = hidden_size_of(layout, layers)
+    sites = HiddenSites(width=width, original=width + len(pruned), pruned=pruned)
+
+    def required(path: str) -> nn.Module:
+        module = _optional(model, path)
+        if module is None:
+            raise ValueError(f"hf_prune: width pruning expected a module at {path!r} in {type(model).__name__}.")
+        return module
+
+    for path in spec.embeddings:
+        module = _optional(model, _join(base_path, path))
+        if module is not None:
+            sites.embeddings.append((_join(base_path, path), module))
+    if not sites.embeddings or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
+        raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
+    norm_paths = [_join(base_path, p) for p in spec.norms if _optional(model, _join(base_path, p)) is not None]
+    for i in range(len(layers)):
+        layer_path = _join(layers_path, str(i))
+        norm_paths += [_join(layer_path, p) for p in spec.layer_norms]
+        for path in (layout.query, layout.key, layout.value, layout.fused_qkv, *layout.mlp_inputs):
+            module = _optional(model, _join(layer_path, path)) if path else None
+            if module is not None:  # absent when the layer lost all its heads
+                sites.readers.append((_join(layer_path, path), module))
+        for path in (layout.output, layout.mlp_output):
+            sites.writers.append((_join(layer_path, path), required(_join(layer_path, path))))
+        for spec_attr in spec.layer_size_attrs:
+            path, _, attr = spec_attr.rpartition(".")
+            owner = _optional(model, _join(layer_path, path))
+            if owner is not None and hasattr(owner, attr):
+                sites.size_attrs.append((owner, attr))
+    for path in norm_paths:
+        module = required(path)
+        if not _norm_kind(module):
+            raise ValueError(f"hf_prune: {path!r} is a {type(module).__name__}, not a LayerNorm or RMSNorm.")
+        sites.norms.append((path, module))
+    for spec_attr in spec.size_attrs:
+        path, _, attr = spec_attr.rpartition(".")
+        owner = _optional(model, _join(base_path, path))
+        if owner is not None and hasattr(owner, attr):
+            sites.size_attrs.append((owner, attr))
+
+    adapters = [_join(base_path, p) for p in BASE_ADAPTERS]
+    if base is not model:
+        adapters += list(HEAD_ADAPTERS)
+    adapters = [p for p in adapters if _optional(model, p) is not None]
+    sites.readers += [(p, model.get_submodule(p)) for p in adapters]
+    if base is not model:
+        readers = list(HEAD_READERS) + ([] if adapters else ["classifier"])
+        for path in readers:
+            module = _optional(model, path)
+            if module is not None and is_prunable_module(module):
+                sites.readers.append((path, module))
+        if adapters:
+            sites.untouched += [(p, m) for p in ADAPTED_READERS if (m := _optional(model, p)) is not None]
+    for path, module in sites.readers + sites.writers:
+        if not (is_prunable_module(module) or isinstance(module, (ZeroWidth, BiasOnly))):
+            raise ValueError(f"hf_prune: width pruning cannot slice {path!r} ({type(module).__name__}).")
+    _check_nothing_else(model, sites)
+    return sites
+
+
+def _check_nothing_else(model: nn.Module, sites: HiddenSites) -> None:
+    claimed = set()
+    for _, module in sites.embeddings + sites.norms + sites.readers + sites.writers + sites.untouched:
+        claimed.update(id(p) for p in module.parameters())
+    unknown = [
+        name for name, param in model.named_parameters()
+        if id(param) not in claimed and sites.width in param.shape
+    ]
+    if unknown:
+        raise ValueError(
+            f"hf_prune: width pruning does not know how {unknown[:6]} of {type(model).__name__} use the hidden size "
+            f"({sites.width}); supported are the encoder/decoder stack, the pooler and the classification, "
+            "token-classification, question-answering and causal-LM heads."
+        )
+
+
+def _check_channels(channels: Iterable[int], original: int) -> set[int]:
+    requested = {int(c) for c in channels}
+    bad = sorted(c for c in requested if not 0 <= c < original)
+    if bad:
+        raise ValueError(
+            f"hf_prune.prune_hidden: channels={bad[:10]}{' ...' if len(bad) > 10 else ''} do not exist; hidden "
+            f"channels are 0 to {original - 1} (original numbering)."
+        )
+    return requested
+
+
+class _Slicer:
+    """Slices parameters once each, so that tied parameters (LM head = embeddings) stay one parameter."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        self.index = index
+        self.done: dict[int, tuple[int, nn.Parameter]] = {}
+
+    def __call__(self, param: nn.Parameter, dim: int) -> nn.Parameter:
+        if id(param) in self.done:
+            done_dim, new = self.done[id(param)]
+            if done_dim != dim:
+                raise ValueError("hf_prune: a parameter tied across modules is sliced along two different axes.")
+            return new
+        value = param.detach().index_select(dim, self.index.to(param.device)).contiguous()
+        new = nn.Parameter(value, requires_grad=param.requires_grad)
+        self.done[id(param)] = (dim, new)
+        return new
+
+
+def _norm_eps(module: nn.Module) -> float:
+    for attr in ("eps", "variance_epsilon"):
+        value = getattr(module, attr, None)
+        if value is not None:
+            return float(value)
+    return float(torch.finfo(torch.float32).eps)  # nn.RMSNorm(eps=None)
+
+
+def _prune_norm(model: nn.Module, path: str, module: nn.Module, slicer: _Slicer, width: int, exact: bool) -> None:
+    weight = None if getattr(module, "weight", None) is None else slicer(module.weight, 0)
+    bias = None if getattr(module, "bias", None) is None else slicer(module.bias, 0)
+    eps = _norm_eps(module)
+    kind = _norm_kind(module)
+    if exact:
+        # The element count of the statistics the norm computes now: a standin's own, a plain norm's width.
+        elements = module.elements if isinstance(module, (ExactLayerNorm, ExactRMSNorm)) else width
+        if kind == "layer":
+            new = ExactLayerNorm(weight, bias, eps, elements)
+        else:
+            plain_class = module.plain_class if isinstance(module, ExactRMSNorm) else type(module)
+            new = ExactRMSNorm(weight, eps, elements, plain_class)
+        set_module(model, path, new.train(module.training))
+        return
+    n = int(slicer.index.numel())
+    if isinstance(module, ExactLayerNorm):
+        new = nn.LayerNorm(n, eps=eps, elementwise_affine=weight is not None, bias=bias is not None)
+    elif isinstance(module, ExactRMSNorm):
+        new = module.plain_class(n, eps=eps)
+    else:
+        new = module
+    # Parameters are assigned, not copied: sliced tensors keep the model's dtype and device.
+    if weight is not None:
+        new.weight = weight
+    if bias is not None:
+        new.bias = bias
+    if hasattr(new, "normalized_shape"):
+        new.normalized_shape = (n,)
+    if new is not module:
+        set_module(model, path, new.train(module.training))
+
+
+def _prune_reader(module: nn.Module, slicer: _Slicer, n: int) -> None:
+    if isinstance(module, ZeroWidth):
+        module.in_features = n
+    elif is_conv1d(module):
+        module.weight = slicer(module.weight, 0)
+        module.nx = n
+    else:
+        module.weight = slicer(module.weight, 1)
+        module.in_features = n
+
+
+def _prune_writer(module: nn.Module, slicer: _Slicer, n: int) -> None:
+    if not isinstance(module, BiasOnly):
+        module.weight = slicer(module.weight, 1 if is_conv1d(module) else 0)
+    if module.bias is not None:
+        module.bias = slicer(module.bias, 0)
+    if is_conv1d(module):
+        module.nf = n
+    else:
+        module.out_features = n
+
+
+@torch.no_grad()
+def prune_hidden(model: nn.Module, channels: Iterable[int], exact: bool = False) -> nn.Module:
+    """Remove hidden (residual-stream) channels physically, in place; returns `model`.
+
+    Args:
+        model: a BERT, RoBERTa, DistilBERT, GPT-2 or Llama/Mistral/Qwen2 Transformers model (base model, sequence or
+            token classification, question answering or causal LM), pruned in other ways or not.
+        channels: hidden channel indices in the ORIGINAL numbering (0 to the unpruned hidden size - 1). Channels
+            already removed are ignored, so calls compose; at least one channel must stay.
+        exact: keep every LayerNorm / RMSNorm's statistics over the width they had before this call
+            (`ExactLayerNorm` / `ExactRMSNorm`), so that removing channels that were zero everywhere
+            (`zero_hidden_channels`) is exact. The default (False) keeps the model's own norms at the new width:
+            not exact, but what Minitron does before its recovery distillation, and ONNX Runtime fuses those norms
+            into one fast kernel while the exact standins run as several element-wise ops.
+
+    What reads the hidden states into a space of its own (the BERT pooler, RoBERTa's classification head, DistilBERT's
+    pre-classifier) loses input columns only; its output width and the classifier behind it stay. `config.hidden_size`
+    (`n_embd`, `dim`) is updated; Llama-style configs get an explicit `head_dim`, since `hidden_size //
+    num_attention_heads` no longer gives it. Reload with `load_pruned`.
+    """
+    sites = hidden_sites(model)
+    requested = _check_channels(channels, sites.original)
+    new = requested - sites.pruned
+    if not new:
+        return model
+    kept = sites.kept()
+    positions = [pos for pos, c in enumerate(kept) if c not in new]
+    if not positions:
+        raise ValueError(
+            f"hf_prune.prune_hidden: channels= would remove all {len(kept)} hidden channels left (of "
+            f"{sites.original}); at least one must stay."
+        )
+    for path, module in sites.embeddings + sites.readers + sites.writers:
+        if not isinstance(module, (ZeroWidth, BiasOnly)):
+            check_plain(module, path)
+    layout, layers = find_layers(model)
+    head_dim = head_dim_of(layout, layers[0])
+    n = len(positions)
+    config = getattr(model, "config", None)
+    changes = {"hidden_size": n, **({"head_dim": head_dim} if layout.name == "llama" else {})}
+    check_config_change(config, changes, "prune_hidden")
+    slicer = _Slicer(torch.tensor(positions, dtype=torch.long))
+    for _, module in sites.embeddings:
+        module.weight = slicer(module.weight, 1)
+        module.embedding_dim = n
+    for path, module in sites.norms:
+        _prune_norm(model, path, module, slicer, sites.width, exact)
+    for _, module in sites.readers:
+        _prune_reader(module, slicer, n)
+    for _, module in sites.writers:
+        _prune_writer(module, slicer, n)
+    for owner, attr in sites.size_attrs:
+        setattr(owner, attr, n)
+    if config is not None:
+        for key, value in changes.items():
+            setattr(config, key, value)
+    setattr(getattr(model, "base_model", model), HIDDEN_ATTR, sites.pruned | new)
+    record_structure(model)
+    logger.info("hf_prune: removed %d hidden channels, hidden size now %d (exact norms: %s)", len(new), n, exact)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What importance scoring and masking need
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hidden_channel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
+    """(name, parameter, channel axis) of every parameter that writes the residual stream.
+
+    Embedding columns, output rows (and biases) of the attention and FFN output projections, LayerNorm / RMSNorm
+    weights and biases, each listed once (tied parameters too). Zeroing a channel's slice of all of them makes that
+    channel zero everywhere in the residual stream; the first-order Taylor importance of a channel sums
+    `param * grad` over the same slices (Molchanov et al. 2019, applied to Minitron's width axis).
+    """
+    sites = hidden_sites(model)
+    found: list[tuple[str, nn.Parameter, int]] = []
+    seen: set[int] = set()
+
+    def add(name: str, param: Optional[nn.Parameter], dim: int) -> None:
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            found.append((name, param, dim))
+
+    for path, module in sites.embeddings:
+        add(f"{path}.weight", module.weight, 1)
+    for path, module in sites.writers:
+        if not isinstance(module, BiasOnly):
+            add(f"{path}.weight", module.weight, 1 if is_conv1d(module) else 0)
+        add(f"{path}.bias", module.bias, 0)
+    for path, module in sites.norms:
+        add(f"{path}.weight", getattr(module, "weight", None), 0)
+        add(f"{path}.bias", getattr(module, "bias", None), 0)
+    return found
+
+
+def hidden_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every LayerNorm / RMSNorm over the residual stream, in forward order."""
+    return list(hidden_sites(model).norms)
+
+
+def hidden_positions(model: nn.Module, channels: Iterable[int]) -> list[int]:
+    """Current positions of the ORIGINAL hidden `channels` still present (removed ones are skipped)."""
+    sites = hidden_sites(model)
+    requested = _check_channels(channels, sites.original)
+    return [pos for pos, c in enumerate(sites.kept()) if c in requested]
+
+
+@torch.no_grad()
+def zero_hidden_channels(model: nn.Module, channels: Iterable[int]) -> nn.Module:
+    """Zero hidden `channels` (ORIGINAL numbering) in every parameter that writes them, in place; returns `model`.
+
+    Afterwards those channels are exactly zero throughout the residual stream, and `prune_hidden(model, channels,
+    exact=True)` gives the same outputs with smaller matrices. This is the masked form of width pruning (shapes
+    kept), e.g. to evaluate a width before removing it.
+    """
+    index = hidden_positions(model, channels)
+    if not index:
+        return model
+    for _, param, dim in hidden_channel_parameters(model):
+        param.index_fill_(dim, torch.tensor(index, dtype=torch.long, device=param.device), 0.0)
+    return model
