@@ -122,7 +122,7 @@ class PruningConfig:
         metadata={
             "help": "'local' (default) gives every targeted module the same sparsity; 'global' ranks all targeted "
             "weights together, so layers end up with different sparsity. Local is the default because global "
-            "magnitude ranking empties layers whose weights are small by scale, not by importance: at 90% in a plain "
+            "magnitude ranking empties layers whose weights are small by scale, not by importance: at 90 percent sparsity in a plain "
             "Trainer it kept 5.5 points less accuracy on the packaged MiniLM (benchmarks/results/two_lines.md)."
         },
     )
