@@ -185,6 +185,18 @@ def tiny_tokenizer(directory):
     return transformers.BertTokenizerFast(vocab_file=str(vocab))
 
 
+def save_named_classifier(root) -> str:
+    """A tiny 3-label BERT classifier whose labels are named bad / good / meh (like the CSV files the CLI tests
+    write), saved with its tokenizer to `root`; returns the folder."""
+    tokenizer = tiny_tokenizer(root)
+    model = tiny_bert(num_labels=3, vocab_size=tokenizer.vocab_size)
+    model.config.id2label = {0: "bad", 1: "good", 2: "meh"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return str(root)
+
+
 def write_csv(path, rows, header=("text", "label")):
     """A CSV file of `rows` under `header`; returns its path as a string."""
     with open(path, "w", encoding="utf-8", newline="") as handle:

@@ -14,7 +14,7 @@ from hf_prune.cli import main, parse_optimize_args
 from hf_prune.export import is_onnx_available
 from hf_prune.optimize import OptimizeArguments, validate_optimize
 
-from conftest import WORDS, tiny_bert, tiny_tokenizer, write_csv
+from conftest import WORDS, save_named_classifier, tiny_bert, tiny_tokenizer, write_csv
 
 def needs_onnx(test):
     """Marked `onnx` (deselected on the leg without the extra) and skipped where it is not installed."""
@@ -23,15 +23,8 @@ def needs_onnx(test):
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
-    """A tiny 3-label BERT classifier (4 heads per layer, FFN 37) with its tokenizer, labels named like the data."""
-    root = tmp_path_factory.mktemp("tiny_classifier")
-    tokenizer = tiny_tokenizer(root)
-    model = tiny_bert(num_labels=3, vocab_size=tokenizer.vocab_size)
-    model.config.id2label = {0: "bad", 1: "good", 2: "meh"}
-    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return str(root)
+    """A tiny 3-label BERT classifier (4 heads per layer, FFN 64) with its tokenizer, labels named like the data."""
+    return save_named_classifier(tmp_path_factory.mktemp("tiny_classifier"))
 
 
 @pytest.fixture(scope="module")

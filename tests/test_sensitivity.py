@@ -15,7 +15,7 @@ from hf_prune import PruningConfig, Pruner, SensitivityResult, analyze_sensitivi
 from hf_prune.cli import main, parse_train_args
 from hf_prune.sensitivity import GROUP_KINDS, SensitivityArguments, sensitivity_groups
 
-from conftest import WORDS, build_model, make_batches, tiny_bert, tiny_tokenizer, write_csv
+from conftest import WORDS, build_model, make_batches, save_named_classifier, write_csv
 
 
 def snapshot(model):
@@ -220,14 +220,7 @@ def test_json_round_trip_and_csv(tmp_path):
 # ------------------------------------------------------------------------------------------------ command line
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sensitivity_classifier")
-    tokenizer = tiny_tokenizer(root)
-    model = tiny_bert(num_labels=3, vocab_size=tokenizer.vocab_size)
-    model.config.id2label = {0: "bad", 1: "good", 2: "meh"}
-    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
-    model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return str(root)
+    return save_named_classifier(tmp_path_factory.mktemp("sensitivity_classifier"))
 
 
 @pytest.fixture(scope="module")
