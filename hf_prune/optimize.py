@@ -45,6 +45,7 @@ from .job import JobArguments, JobData, arm_training_arguments, trainer_kwargs
 from .latency import LatencyProbe, fraction_grid, search_least_fraction
 from .metrics import compute_metrics
 from .structure import load_pruned, structure_summary
+from .structure.io import resolve_directory
 from .trainer import PruningTrainer
 from .units import available_unit_criteria, compute_head_importance, compute_neuron_importance, prune_by_importance
 
@@ -184,15 +185,6 @@ def _evaluate(trainer: Trainer, dataset: Optional[datasets.Dataset], prefix: str
         return None
     metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
     return {"accuracy": metrics[f"{prefix}_accuracy"], "macro_f1": metrics[f"{prefix}_macro_f1"]}
-
-
-def _local_dir(path: str) -> str:
-    """A local folder for a model given as a folder or a Hub id (already downloaded by `load_pruned`)."""
-    if os.path.isdir(path):
-        return path
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(path)
 
 
 def _raw_test(job_data: JobData) -> datasets.Dataset:
@@ -373,7 +365,7 @@ def run_optimize(
 
     start = time.perf_counter()
     bench_args = BenchmarkArguments(
-        checkpoints=[_local_dir(opt.model_name_or_path), model_dir], names=["dense", "optimized"],
+        checkpoints=[resolve_directory(opt.model_name_or_path), model_dir], names=["dense", "optimized"],
         output_dir=os.path.join(out, "benchmark"), batch_sizes=batch_sizes, seq_len=job_data.max_length,
         rounds=opt.benchmark_rounds, repeats=opt.benchmark_repeats, eval_size=len(data["test"]),
         text_columns=job_data.classes.text_columns, label_column="label", int8=opt.quantize is not None,

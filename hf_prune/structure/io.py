@@ -67,13 +67,14 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 _BUILD_KWARGS = ("dtype", "torch_dtype", "attn_implementation")
 
 
-def _resolve_directory(path_or_repo_id: str, hub_kwargs: dict) -> str:
+def resolve_directory(path_or_repo_id: str, hub_kwargs: Optional[dict] = None) -> str:
+    """A local folder for a model given as a folder or a Hub id (its json and safetensors files, downloaded once)."""
     if os.path.isdir(path_or_repo_id):
         return path_or_repo_id
     from huggingface_hub import snapshot_download
 
     return snapshot_download(
-        path_or_repo_id, allow_patterns=["*.json", "*.safetensors"], **hub_kwargs
+        path_or_repo_id, allow_patterns=["*.json", "*.safetensors"], **(hub_kwargs or {})
     )
 
 
@@ -207,7 +208,7 @@ def load_pruned(
         )
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
     build_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _BUILD_KWARGS}
-    directory = _resolve_directory(str(path_or_repo_id), hub_kwargs)
+    directory = resolve_directory(str(path_or_repo_id), hub_kwargs)
 
     config = AutoConfig.from_pretrained(directory)
     structure_path = os.path.join(directory, STRUCTURE_NAME)
