@@ -44,15 +44,26 @@ from .finalize import add_results_to_model_card
 from .job import JobArguments, JobData, arm_training_arguments, trainer_kwargs
 from .latency import LatencyProbe, fraction_grid, search_least_fraction
 from .metrics import compute_metrics
-from .structure import load_pruned, structure_summary
+from .structure import load_pruned, prune_hidden, prune_layers, structure_summary
 from .structure.io import resolve_directory
 from .trainer import PruningTrainer
-from .units import available_unit_criteria, compute_head_importance, compute_neuron_importance, prune_by_importance
+from .units import (
+    available_unit_criteria,
+    compute_channel_importance,
+    compute_head_importance,
+    compute_layer_importance,
+    compute_neuron_importance,
+    prune_by_importance,
+    select_channels_to_prune,
+    select_layers_to_prune,
+)
 
 logger = logging.get_logger(__name__)
 
 REPORT_NAME = "report"
 QUANTIZATION_MODES = ("dynamic",)
+# The hidden size --hidden_fraction leaves is rounded to a multiple of this: matrix kernels run fastest on such widths.
+HIDDEN_MULTIPLE = 8
 
 
 @dataclass
@@ -100,6 +111,18 @@ class OptimizeArguments:
     max_fraction: float = field(
         default=0.9, metadata={"help": "Largest fraction of heads and FFN neurons that may be removed."}
     )
+    hidden_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Width: fraction of the hidden size (the residual stream: embeddings, every LayerNorm and "
+                  "every Linear that reads or writes it) removed in every candidate, the lowest activation importance "
+                  "first (Minitron), the size left a multiple of 8. LayerNorms and the other hidden-size costs that "
+                  "head and neuron removal leave shrink with it. 0 keeps the width."},
+    )
+    layers_to_remove: int = field(
+        default=0,
+        metadata={"help": "Depth: whole transformer layers removed in every candidate, the lowest block influence "
+                  "first (ShortGPT, Minitron). 0 keeps every layer."},
+    )
     recovery_seeds: Optional[list[int]] = field(
         default=None,
         metadata={"help": "Seeds of the recovery fine-tune, one recovery each; the best on the validation split is "
@@ -141,6 +164,12 @@ class OptimizeArguments:
                      "benchmark_rounds", "benchmark_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)!r} is invalid: a positive integer.")
+        if isinstance(self.hidden_fraction, bool) or not 0.0 <= self.hidden_fraction < 1.0:
+            raise ValueError(f"--hidden_fraction {self.hidden_fraction!r} is invalid: a fraction of the hidden size in "
+                             "[0, 1), e.g. 0.25.")
+        if isinstance(self.layers_to_remove, bool) or not isinstance(self.layers_to_remove, int) \
+                or self.layers_to_remove < 0:
+            raise ValueError(f"--layers_to_remove {self.layers_to_remove!r} is invalid: a whole number of layers, >= 0.")
         if self.recovery_seeds is not None and not self.recovery_seeds:
             raise ValueError("--recovery_seeds is empty: give at least one seed, or leave it out to use --seed.")
         if self.importance not in available_unit_criteria():
@@ -258,11 +287,31 @@ def run_optimize(
                                               max_batches=opt.calibration_batches)
     neuron_importance = compute_neuron_importance(dense, calibration, method=opt.importance,
                                                   max_batches=opt.calibration_batches)
+    layers_gone: list[int] = []
+    if opt.layers_to_remove:
+        num_layers = structure_summary(dense)["num_layers"]
+        if opt.layers_to_remove >= num_layers:
+            raise ValueError(f"--layers_to_remove {opt.layers_to_remove} is invalid: {opt.model_name_or_path!r} has "
+                             f"{num_layers} layers and at least one must stay.")
+        layer_importance = compute_layer_importance(dense, calibration, max_batches=opt.calibration_batches)
+        layers_gone = select_layers_to_prune(layer_importance, opt.layers_to_remove, model=dense)
+    channels_gone: list[int] = []
+    if opt.hidden_fraction:
+        channel_importance = compute_channel_importance(dense, calibration, max_batches=opt.calibration_batches)
+        channels_gone = select_channels_to_prune(channel_importance, opt.hidden_fraction, model=dense,
+                                                 multiple_of=HIDDEN_MULTIPLE)
     phases["importance_seconds"] = time.perf_counter() - start
+    extra = "".join([f", layers {layers_gone}" if layers_gone else "",
+                     f", {len(channels_gone)} hidden channels" if channels_gone else ""])
 
     def shaped(fraction: float) -> torch.nn.Module:
         model = copy.deepcopy(dense)
+        # Heads and neurons first, while the layers still have their original numbering.
         prune_by_importance(model, head_importance, neuron_importance, fraction, fraction)
+        if layers_gone:
+            prune_layers(model, layers_gone)
+        if channels_gone:
+            prune_hidden(model, channels_gone)
         return model
 
     recovery_config = dataclasses.replace(pruning_config, head_sparsity=0.0, neuron_sparsity=0.0)
@@ -271,7 +320,7 @@ def run_optimize(
         args = arm_training_arguments(training_args, os.path.join("recovery", f"{fraction:.2f}-seed{seed}"),
                                       seed=seed)
         args = dataclasses.replace(args, push_to_hub=False)
-        logger.info(f"recovery: {fraction:.0%} of heads and FFN neurons removed, seed {seed}, "
+        logger.info(f"recovery: {fraction:.0%} of heads and FFN neurons removed{extra}, seed {seed}, "
                     f"{args.max_steps} steps at lr {args.learning_rate:g}"
                     f"{', distilled from the dense model' if opt.distill else ''}")
         start = time.perf_counter()
@@ -393,7 +442,9 @@ def run_optimize(
     report = {
         "target": target,
         "chosen": {"fraction_removed": fraction, "heads_per_layer": summary["heads_per_layer"],
-                   "intermediate_sizes": summary["intermediate_sizes"], "seed": best.seed,
+                   "intermediate_sizes": summary["intermediate_sizes"], "layers_removed": layers_gone,
+                   "num_layers": summary["num_layers"], "hidden_size": summary["hidden_size"],
+                   "original_hidden_size": summary["original_hidden_size"], "seed": best.seed,
                    "selected_by": "validation accuracy" if has_validation else "first seed (no validation split)"},
         "dense": dense_scores,
         "candidates": [p.to_dict() for p in tried],
@@ -441,8 +492,8 @@ def format_report(report: dict[str, Any]) -> str:
     verdict = "met" if target["met"] else "NOT MET"
     lines = [f"# hf-prune optimize: {verdict}", "",
              f"Target: {' and '.join(goal)}. Result: {chosen['fraction_removed']:.0%} of attention heads and FFN "
-             f"neurons removed, {target['achieved_speedup']:.2f}x at batch {batch} ({target['speedup_precision']}) "
-             f"in the final benchmark."]
+             f"neurons removed{_width_depth(chosen)}, {target['achieved_speedup']:.2f}x at batch {batch} "
+             f"({target['speedup_precision']}) in the final benchmark."]
     if "validation_drop_points" in target:
         lines[-1] += f" Validation accuracy {target['validation_drop_points']:+.2f} points lost (best seed)."
     if not target["met"]:
@@ -454,8 +505,10 @@ def format_report(report: dict[str, Any]) -> str:
               f"({', '.join(f'{k[:-8]} {v:.0f} s' for k, v in report['phases'].items())}), "
               f"{settings['threads']} threads, ONNX Runtime {settings['onnxruntime']}.", ""]
 
-    lines += ["## Candidate shapes tried (timed in ONNX Runtime before training)", "",
-              "| heads+neurons removed | params | FLOP limit | b1 ms | b1 speedup | "
+    lines += ["## Candidate shapes tried (timed in ONNX Runtime before training)", ""]
+    if _width_depth(chosen):
+        lines += [f"Every candidate also has{_width_depth(chosen)[1:]}.", ""]
+    lines += ["| heads+neurons removed | params | FLOP limit | b1 ms | b1 speedup | "
               f"b{batch} ms | b{batch} speedup | dense b{batch} ms (same rounds) |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(report["candidates"], key=lambda p: p["fraction"]):
         ms, sp = ({int(k): v for k, v in p[key].items()} for key in ("ms", "speedup"))
@@ -490,6 +543,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", f"Model: `{report['outputs']['model']}` (`hf_prune.load_pruned`); ONNX: `{report['outputs']['onnx']}` "
               "(`hf_prune.create_session`)."]
     return "\n".join(lines) + "\n"
+
+
+def _width_depth(chosen: dict[str, Any]) -> str:
+    parts = []
+    if chosen.get("layers_removed"):
+        parts.append(f"layers {chosen['layers_removed']} removed ({chosen['num_layers']} left)")
+    if chosen.get("hidden_size") is not None and chosen.get("original_hidden_size", chosen["hidden_size"]) != chosen["hidden_size"]:
+        parts.append(f"hidden size {chosen['original_hidden_size']} -> {chosen['hidden_size']}")
+    return "".join(f", {part}" for part in parts)
 
 
 def _fmt(scores: Optional[dict[str, float]]) -> str:

@@ -38,15 +38,55 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
-def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over layers of the MSE between student and teacher hidden states (same architecture, layer to layer)."""
-    if len(student) != len(teacher):
+def hidden_state_loss(
+    student: tuple[torch.Tensor, ...],
+    teacher: tuple[torch.Tensor, ...],
+    layers: Optional[list[int]] = None,
+    channels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean over layers of the MSE between student and teacher hidden states, layer to layer.
+
+    Args:
+        student, teacher: `output_hidden_states` of each (the embeddings first, then one per layer).
+        layers: for a depth-pruned student, the teacher state each student state is compared with (see
+            `hidden_state_alignment`); default: the same position.
+        channels: for a width-pruned student, the teacher channels it kept (original indices); default: all.
+    """
+    layers = list(range(len(student))) if layers is None else layers
+    if len(layers) != len(student) or max(layers) >= len(teacher):
         raise ValueError(
-            f"PruningConfig.distillation_hidden_weight needs a teacher with as many layers as the student "
-            f"({len(teacher) - 1} vs {len(student) - 1}); set it to 0 for teachers of another depth."
+            f"PruningConfig.distillation_hidden_weight needs a teacher with as many layers as the student had before "
+            f"pruning ({len(teacher) - 1} in the teacher, {len(student) - 1} in the student); set it to 0 for "
+            "teachers of another depth."
         )
-    losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student[1:], teacher[1:])]
+    losses = []
+    for position in range(1, len(student)):
+        target = teacher[layers[position]]
+        if channels is not None:
+            target = target.index_select(-1, channels.to(target.device))
+        losses.append(F.mse_loss(student[position].float(), target.float()))
     return torch.stack(losses).mean()
+
+
+def hidden_state_alignment(student: nn.Module, teacher_width: int) -> tuple[list[int], Optional[torch.Tensor]]:
+    """Which teacher hidden state and channels each hidden state of a depth- or width-pruned student matches.
+
+    The teacher is the student before pruning (its original depth and width): hidden state 0 is the embeddings,
+    state k the output of original layer k - 1.
+    """
+    from .structure import structure_summary
+
+    summary = structure_summary(student)
+    if summary["original_hidden_size"] != teacher_width:
+        raise ValueError(
+            f"PruningConfig.distillation_hidden_weight needs a teacher of the student's original hidden size "
+            f"({summary['original_hidden_size']}), got {teacher_width}; set it to 0 for teachers of another width."
+        )
+    gone_layers = set(summary["pruned_layers"])
+    layers = [0] + [k + 1 for k in range(summary["original_num_layers"]) if k not in gone_layers]
+    gone = set(summary["pruned_hidden"])
+    channels = torch.tensor([c for c in range(teacher_width) if c not in gone]) if gone else None
+    return layers, channels
 
 
 class PruningTrainer(Trainer):
@@ -147,8 +187,14 @@ class PruningTrainer(Trainer):
             kd = distillation_loss(outputs["logits"], teacher_outputs["logits"], config.distillation_temperature)
             loss = (1.0 - alpha) * loss + alpha * kd
             if hidden:
+                student_states, teacher_states = outputs["hidden_states"], teacher_outputs["hidden_states"]
+                layers = channels = None
+                if len(student_states) != len(teacher_states) or student_states[-1].shape != teacher_states[-1].shape:
+                    # A depth- or width-pruned student: compare with the teacher's matching layers and channels.
+                    layers, channels = hidden_state_alignment(self.accelerator.unwrap_model(model),
+                                                              teacher_states[-1].shape[-1])
                 loss = loss + config.distillation_hidden_weight * hidden_state_loss(
-                    outputs["hidden_states"], teacher_outputs["hidden_states"]
+                    student_states, teacher_states, layers, channels
                 )
         if model.training:
             term = self.pruner.loss()  # the criterion's own loss term (soft movement's regulariser), if any

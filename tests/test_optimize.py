@@ -59,6 +59,8 @@ def optimize_argv(model_dir, data, out, *extra):
         (["--target_speedup", "2", "--max_fraction", "1.0"], "--max_fraction 1.0"),
         (["--target_speedup", "2", "--head_sparsity", "0.5"], "optimize chooses the fractions itself"),
         (["--target_speedup", "2", "--importance", "nonsense"], "--importance 'nonsense'"),
+        (["--target_speedup", "2", "--hidden_fraction", "1.0"], "--hidden_fraction 1.0 is invalid"),
+        (["--target_speedup", "2", "--layers_to_remove", "-1"], "--layers_to_remove -1 is invalid"),
     ],
 )
 def test_bad_options_fail_before_any_model_is_loaded(classifier_dir, data_files, tmp_path, extra, message, capsys):
@@ -179,6 +181,40 @@ def test_a_failed_run_keeps_the_previous_model(classifier_dir, data_files, tmp_p
         main(["optimize", *optimize_argv(classifier_dir, data_files, out, "--target_speedup", "1000")])
     assert (out / "model" / "keep.txt").read_text() == "previous good model"
     assert not [p for p in out.iterdir() if p.name.startswith(".model.staging")]
+
+
+@needs_onnx
+def test_width_and_depth_apply_to_every_candidate(classifier_dir, data_files, tmp_path):
+    from hf_prune import create_session, load_pruned, structure_summary
+
+    out = tmp_path / "out"
+    # Hidden-state distillation too: the student's layers and channels are matched to the dense teacher's.
+    assert main(["optimize", *optimize_argv(classifier_dir, data_files, out, "--target_speedup", "1000",
+                                            "--layers_to_remove", "1", "--hidden_fraction", "0.25",
+                                            "--distillation_hidden_weight", "1.0")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    chosen = report["chosen"]
+    assert chosen["num_layers"] == 1 and len(chosen["layers_removed"]) == 1
+    assert chosen["hidden_size"] == 24 and chosen["original_hidden_size"] == 32  # 32 x 0.75, a multiple of 8
+    assert len(chosen["heads_per_layer"]) == 1
+    assert "hidden size 32 -> 24" in (out / "report.md").read_text()
+    model = load_pruned(str(out / "model"))
+    summary = structure_summary(model)
+    assert summary["hidden_size"] == 24 and summary["num_layers"] == 1
+    assert summary["pruned_layers"] == chosen["layers_removed"]
+    from transformers import AutoTokenizer
+
+    session = create_session(str(out / "onnx"))
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
+    assert session(**tokenizer(["good bad meh"], return_tensors="pt")).logits.shape == (1, 3)
+
+
+@needs_onnx
+def test_removing_every_layer_is_refused_before_any_training(classifier_dir, data_files, tmp_path):
+    with pytest.raises(SystemExit, match="--layers_to_remove 2 is invalid: .* has 2 layers and at least one must stay"):
+        main(["optimize", *optimize_argv(classifier_dir, data_files, tmp_path / "out", "--target_speedup", "2",
+                                         "--layers_to_remove", "2")])
+    assert not (tmp_path / "out" / "model").exists()
 
 
 def test_search_least_fraction_bisects_to_the_least_that_meets():

@@ -372,3 +372,41 @@ def test_plain_trainer_with_a_callback_saves_artifacts_everywhere_and_tags_the_m
     reloaded = type(model).from_pretrained(str(tmp_path / "twin"))
     assert torch.equal(next(reloaded.parameters()), next(twin.parameters()))
     assert (tmp_path / "twin" / "pruning_config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ hidden-state
+# distillation from the unpruned teacher into a depth- or width-pruned student
+def test_hidden_state_distillation_aligns_layers_and_channels_of_a_pruned_student():
+    from hf_prune import prune_hidden, prune_layers
+    from hf_prune.structure import zero_hidden_channels
+    from hf_prune.trainer import hidden_state_alignment, hidden_state_loss
+
+    teacher = tiny_bert(dropout=0.0).eval()  # 2 layers, hidden 32
+    zero_hidden_channels(teacher, [1, 5, 9, 30])
+    student = prune_hidden(prune_layers(copy.deepcopy(teacher), [1]), [1, 5, 9, 30], exact=True)
+    inputs = {"input_ids": torch.randint(5, 100, (2, 7)), "output_hidden_states": True}
+    with torch.no_grad():
+        s, t = student(**inputs).hidden_states, teacher(**inputs).hidden_states
+    layers, channels = hidden_state_alignment(student, t[-1].shape[-1])
+    assert layers == [0, 1] and channels.tolist() == [c for c in range(32) if c not in (1, 5, 9, 30)]
+    # The student is the teacher with its zeroed channels and its last layer removed: its states are the teacher's.
+    assert hidden_state_loss(s, t, layers, channels).item() < 1e-10
+    # A student whose layer 0 went compares its one layer with the teacher's layer 1, not layer 0.
+    shallow = prune_layers(copy.deepcopy(teacher), [0])
+    assert hidden_state_alignment(shallow, 32)[0] == [0, 2]
+    with pytest.raises(ValueError, match="original hidden size \\(32\\), got 16"):
+        hidden_state_alignment(student, 16)
+
+
+def test_pruning_trainer_distils_hidden_states_into_a_width_and_depth_pruned_student(tmp_path):
+    from hf_prune import prune_hidden, prune_layers
+
+    teacher = tiny_bert().eval()
+    student = prune_hidden(prune_layers(copy.deepcopy(teacher), [1]), list(range(8)))
+    trainer = PruningTrainer(
+        model=student, args=training_args(tmp_path, max_steps=3), teacher_model=teacher,
+        pruning_config=PruningConfig(target_sparsity=0.0, distillation_hidden_weight=1.0),
+        train_dataset=random_classification_data(24),
+    )
+    assert trainer.train().training_loss > 0
+    assert student.config.hidden_size == 24 and student.config.num_hidden_layers == 1
