@@ -88,7 +88,9 @@ def main(argv=None) -> int:
                         help="learning rates of the torch.nn.utils.prune arm (default: the dense arm's)")
     parser.add_argument("--max_steps", type=int, default=250)
     parser.add_argument("--dense_path", default=None,
-                        help="reuse a dense model fine-tuned with the same job settings and the single --seeds value")
+                        help="reuse a dense model fine-tuned with the same job settings and the single --seeds "
+                        "value; with {seed} in the path (WORKDIR/dense-{seed}, what --save_dense writes), one per "
+                        "seed, and seeds without one are trained")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
     parser.add_argument("--workdir", default="outputs/bench_sparsity")
     args = parser.parse_args(argv)
@@ -127,20 +129,54 @@ def main(argv=None) -> int:
         print(f"seed {seed} {name:<22} acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
               f"sparsity {row['sparsity']:.4f} ({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)
 
+    def write_results() -> list[str]:
+        """Summary over the seeds done so far, written after every seed: a cut run keeps what it measured."""
+        summary = {}
+        for name, per_seed in results["arms"].items():
+            summary[name] = {
+                key: statistics.mean(row[key] for row in per_seed.values()) for key in ("accuracy", "macro_f1", "sparsity")
+            }
+        results["summary"] = summary
+        dense_acc = summary["dense"]["accuracy"]
+        done = [int(seed) for seed in results["arms"]["dense"]]
+        lines = [
+            f"Packaged MiniLM on tweet sentiment, {args.max_steps} steps, seeds {done} (of {args.seeds}), test split of "
+            f"{len(data['test'])}; accuracy and macro-F1 are means over seeds.",
+            "",
+            "| arm | sparsity | accuracy | % of dense | macro-F1 | per-seed accuracy |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in summary.items():
+            per_seed = ", ".join(f"{r['accuracy']:.4f}" for r in results["arms"][name].values())
+            lines.append(
+                f"| {name} | {row['sparsity']:.1%} | {row['accuracy']:.4f} | {row['accuracy'] / dense_acc:.1%} | "
+                f"{row['macro_f1']:.4f} | {per_seed} |"
+            )
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        with open(args.output + ".json", "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+        with open(args.output + ".md", "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        return lines
+
     for seed in args.seeds:
         start = time.perf_counter()
-        if args.dense_path:
-            if len(args.seeds) != 1:
-                raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value.")
+        dense_path = args.dense_path.format(seed=seed) if args.dense_path else None
+        if dense_path and "{seed}" not in args.dense_path and len(args.seeds) != 1:
+            raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value, or put {seed} in it.")
+        reused = dense_path is not None and os.path.isfile(os.path.join(dense_path, "config.json"))
+        if dense_path and not reused and "{seed}" not in args.dense_path:
+            raise SystemExit(f"--dense_path {dense_path!r} holds no saved model (config.json).")
+        if reused:
             dense = Trainer(
-                model=AutoModelForSequenceClassification.from_pretrained(args.dense_path),
+                model=AutoModelForSequenceClassification.from_pretrained(dense_path),
                 args=arm_args(base_training, "dense", seed),
                 compute_metrics=compute_metrics,
             )
         else:
             dense = train_dense(job_data, arm_args(base_training, "dense", seed))
         record("dense", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
-        if args.save_dense and not args.dense_path:
+        if args.save_dense and not reused:
             dense.save_model()
 
         for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_training.learning_rate]:
@@ -209,32 +245,9 @@ def main(argv=None) -> int:
             )
             trainer.train()
             record(name, seed, score_arm(trainer, data["test"], config, time.perf_counter() - start))
+        write_results()
 
-    summary = {}
-    for name, per_seed in results["arms"].items():
-        summary[name] = {
-            key: statistics.mean(row[key] for row in per_seed.values()) for key in ("accuracy", "macro_f1", "sparsity")
-        }
-    results["summary"] = summary
-    dense_acc = summary["dense"]["accuracy"]
-    lines = [
-        f"Packaged MiniLM on tweet sentiment, {args.max_steps} steps, seeds {args.seeds}, test split of "
-        f"{len(data['test'])}; accuracy and macro-F1 are means over seeds.",
-        "",
-        "| arm | sparsity | accuracy | % of dense | macro-F1 | per-seed accuracy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, row in summary.items():
-        per_seed = ", ".join(f"{r['accuracy']:.4f}" for r in results["arms"][name].values())
-        lines.append(
-            f"| {name} | {row['sparsity']:.1%} | {row['accuracy']:.4f} | {row['accuracy'] / dense_acc:.1%} | "
-            f"{row['macro_f1']:.4f} | {per_seed} |"
-        )
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".json", "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    with open(args.output + ".md", "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+    lines = write_results()
     print("\n".join(lines))
     return 0
 

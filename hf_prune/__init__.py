@@ -24,6 +24,7 @@ from .structure import (
     structure_summary,
     zero_hidden_channels,
 )
+from .torch_prune import fold_torch_prune
 from .trainer import PruningTrainer
 from .units import (
     available_unit_criteria,
@@ -66,6 +67,7 @@ __all__ = [
     "compute_neuron_importance",
     "create_session",
     "export_onnx",
+    "fold_torch_prune",
     "load_pruned",
     "make_permanent",
     "owl_sparsity",

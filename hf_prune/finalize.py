@@ -20,6 +20,7 @@ from .config import PruningConfig
 from .files import atomic_write_text
 from .masks import sparsity_report
 from .structure import save_structure, structure_summary
+from .torch_prune import check_no_torch_prune
 
 REPORT_NAME = "sparsity_report.json"
 CARD_NAME = "README.md"
@@ -191,6 +192,7 @@ def model_tags(config: PruningConfig) -> list[str]:
 
 def _save_pretrained_with_artifacts(self, save_directory, *args, **kwargs):
     # Bound to one model instance by `carry_artifacts`; the class's own save_pretrained does the saving.
+    check_no_torch_prune(self, f"save {save_directory}")
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if kwargs.get("is_main_process", True):
         save_pruning_artifacts(str(save_directory), self, self.hf_prune_config)
