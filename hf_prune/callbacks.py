@@ -58,8 +58,9 @@ class PruningCallback(TrainerCallback):
     def build(self, model) -> Pruner:
         if self.pruner is None or self.pruner.model is not model:
             self.pruner = Pruner(model, self.config)
-            # Every save of this model (save_model, checkpoints, push_to_hub) then carries the pruning artifacts.
-            carry_artifacts(model, self.config)
+            # Every save of this model (save_model, checkpoints, push_to_hub) then carries the pruning artifacts, and
+            # a checkpoint its pruning state, written with the weights, before Trainer rotates old checkpoints away.
+            carry_artifacts(model, self.config, self.pruner)
         return self.pruner
 
     # Building at the end of Trainer.__init__ makes bad targets or patterns fail before training starts.
@@ -97,9 +98,12 @@ class PruningCallback(TrainerCallback):
             state.log_history[-1].update(metrics)
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        # The checkpoint's save_pretrained wrote the state already (carry_artifacts); this covers models without
+        # save_pretrained.
         directory = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(directory):
-            self.pruner.save(directory)  # the artifacts came with the checkpoint's save_pretrained
+        if state.is_world_process_zero and os.path.isdir(directory) \
+                and not os.path.isfile(os.path.join(directory, STATE_NAME)):
+            self.pruner.save(directory)
 
     def on_train_end(self, args, state, control, **kwargs):
         removed = self.pruner.finish()
@@ -109,6 +113,7 @@ class PruningCallback(TrainerCallback):
     def _restore(self, args, state, pruner: Pruner) -> None:
         candidates = [
             self.resume_from,
+            _resume_path_given_to_trainer(),
             args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
             os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}"),
         ]
@@ -117,12 +122,22 @@ class PruningCallback(TrainerCallback):
                 pruner.load(directory)
                 logger.info("hf_prune: restored pruning state of step %d from %s", state.global_step, directory)
                 return
-        # Without the state file, the zeros saved in the weights are the masks; movement scores restart.
+        searched = list(dict.fromkeys(c for c in candidates if c))
+        if pruner.method.state_dict() and not self.config.allow_resume_changes:
+            # Movement-type scores live only in the state file: without it the run would end with other masks.
+            raise ValueError(
+                f"hf_prune: resuming at step {state.global_step} with method {self.config.method!r}, but no "
+                f"{STATE_NAME} was found in {searched}: its scores would restart from zero and the run would end "
+                "with masks an uninterrupted run would not have. Resume from a checkpoint that hf_prune saved, or set "
+                "PruningConfig(allow_resume_changes=True) to rebuild the masks from the zeros in the weights and "
+                "restart the scores."
+            )
+        # Without the state file, the zeros saved in the weights are the masks (exact for magnitude pruning).
         logger.warning(
             "hf_prune: resuming at step %d but no %s found in %s; rebuilding masks from the zeros in the weights.",
             state.global_step,
             STATE_NAME,
-            [c for c in candidates if c],
+            searched,
         )
         masks = {}
         for name, module in pruner.modules.items():
@@ -174,3 +189,22 @@ class HeadPruningCallback(PruningCallback):
                 "fraction in (0, 1), or use MagnitudePruningCallback for unstructured pruning only."
             )
         super().__init__(config)
+
+
+def _resume_path_given_to_trainer() -> Optional[str]:
+    """The checkpoint `Trainer.train(resume_from_checkpoint=...)` is resuming from, or None.
+
+    Trainer hands callbacks neither that path nor its own state file, and `TrainingArguments.resume_from_checkpoint`
+    holds only what the user put there, so a checkpoint outside `output_dir` would otherwise go unseen. Trainer's
+    training loop (`_inner_training_loop`, the caller of `on_train_begin` in Transformers 4.x and 5.x) has the
+    resolved path as its argument; it is read from that frame.
+    """
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
+            path = frame.f_locals.get("resume_from_checkpoint")
+            return path if isinstance(path, str) else None
+        frame = frame.f_back
+    return None

@@ -184,6 +184,15 @@ class PruningConfig:
             "recovery from heavy pruning (layer-wise distillation, as in CoFi and oBERT recipes)."
         },
     )
+    allow_resume_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint pruned under different settings (method, target, schedule, granularity, "
+            "scope, targets, ...). By default that is refused, since the run would end where neither config says. "
+            "When allowed, the checkpoint's masks and scores are kept and this config's schedule and pattern take "
+            "over from the next pruning step."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import types
+import weakref
 from typing import Any, Optional
 
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import PruningConfig
 from .files import atomic_write_text
@@ -196,21 +198,30 @@ def _save_pretrained_with_artifacts(self, save_directory, *args, **kwargs):
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if kwargs.get("is_main_process", True):
         save_pruning_artifacts(str(save_directory), self, self.hf_prune_config)
+        pruner = self.hf_prune_pruner() if getattr(self, "hf_prune_pruner", None) is not None else None
+        if pruner is not None and os.path.basename(os.path.normpath(str(save_directory))).startswith(
+                f"{PREFIX_CHECKPOINT_DIR}-"):
+            # Trainer rotates old checkpoints right after writing this one, before any callback's on_save: the
+            # pruning state must be in the checkpoint by then, or a crash leaves none with it.
+            pruner.save(str(save_directory))
     return result
 
 
-def carry_artifacts(model: nn.Module, config: PruningConfig) -> None:
+def carry_artifacts(model: nn.Module, config: PruningConfig, pruner: Optional[Any] = None) -> None:
     """Make every `model.save_pretrained(directory)` also write the pruning artifacts into that directory, and tag the
     model for the Hub.
 
     Trainer saves through `model.save_pretrained` in `save_model`, in checkpoints and in `push_to_hub`, so a plain
     `Trainer` with a pruning callback writes `pruning_config.json`, `sparsity_report.json` and the model-card section
     wherever it saves, as `PruningTrainer` does. Only this instance changes (a bound method, which `copy.deepcopy`
-    rebinds to the copy); models without `save_pretrained` are left alone.
+    rebinds to the copy); models without `save_pretrained` are left alone. With `pruner`, a save into a Trainer
+    checkpoint folder (`checkpoint-N`) also writes its state (`hf_prune_state.pt`).
     """
     if not hasattr(type(model), "save_pretrained"):
         return
     model.hf_prune_config = config
+    # A weak reference: the model must not keep its pruner alive, and copy.deepcopy(model) must not copy the pruner.
+    model.hf_prune_pruner = weakref.ref(pruner) if pruner is not None else None
     model.save_pretrained = types.MethodType(_save_pretrained_with_artifacts, model)
     if hasattr(model, "add_model_tags"):
         model.add_model_tags(model_tags(config))

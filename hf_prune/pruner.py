@@ -42,6 +42,23 @@ logger = logging.get_logger(__name__)
 STATE_NAME = "hf_prune_state.pt"
 # Version of `hf_prune_state.pt`. 1: scores at the top level; 2: the method's own state under "method".
 STATE_FORMAT_VERSION = 2
+# PruningConfig fields that shape the masks: a resume that changes one of them is refused unless allowed.
+RESUME_SENSITIVE_FIELDS = (
+    "method", "target_sparsity", "initial_sparsity", "schedule", "warmup_fraction", "cooldown_fraction",
+    "pruning_interval", "granularity", "block_shape", "n_m", "scope", "targets", "exclude", "head_sparsity",
+    "neuron_sparsity", "sparsity_overrides",
+)
+
+
+def _normalized(value: Any) -> Any:
+    # Saved configs went through torch.save; lists may come back as tuples and numbers as ints or floats.
+    if isinstance(value, (list, tuple)):
+        return [_normalized(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _normalized(v) for k, v in value.items()}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 class Pruner:
@@ -312,8 +329,25 @@ class Pruner:
             "structured": None if self.units is None else self.units.state_dict(),
         }
 
+    def check_resume_config(self, saved: Optional[dict[str, Any]], source: str) -> None:
+        """Refuse to continue a pruning state made under other mask-shaping settings, unless the config allows it."""
+        if not isinstance(saved, dict) or self.config.allow_resume_changes:
+            return
+        current = self.config.to_dict()
+        changed = [(key, saved[key], current[key]) for key in RESUME_SENSITIVE_FIELDS
+                   if key in saved and _normalized(saved[key]) != _normalized(current[key])]
+        if changed:
+            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)
+            raise ValueError(
+                f"hf_prune: {source} was pruned with other settings ({listed}). Continuing its masks under this "
+                "config would end at a sparsity and pattern neither describes. Resume with the checkpoint's settings "
+                f"(its pruning_config.json), or set PruningConfig(allow_resume_changes=True) to keep its masks and "
+                "scores and let this config's schedule take over from the next pruning step."
+            )
+
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str = "the pruning state") -> None:
+        self.check_resume_config(state.get("config"), source)
         version = state.get("format_version", 1)
         if isinstance(version, int) and version > STATE_FORMAT_VERSION:
             known = {"format_version", "config", "masks", "method", "scores", "last_update_step",
@@ -341,7 +375,7 @@ class Pruner:
 
     def load(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
+        self.load_state_dict(state, source=f"the checkpoint {directory}")
 
 
 def _search(pattern: str, name: str) -> bool:

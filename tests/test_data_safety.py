@@ -7,6 +7,8 @@ import torch
 from torch.nn.utils import prune as torch_prune
 from transformers import AutoModelForSequenceClassification, Trainer
 
+import hf_prune
+import hf_prune.pruner
 from conftest import random_classification_data, tiny_bert, training_args
 from hf_prune import MagnitudePruningCallback, PruningConfig, PruningTrainer, fold_torch_prune
 
@@ -59,3 +61,107 @@ def test_a_save_that_would_write_torch_prune_keys_is_refused(tmp_path):
     assert fold_torch_prune(model) == ["classifier.weight"]
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+STEPS = dict(max_steps=12, save_strategy="steps", save_steps=4)
+BASE = dict(target_sparsity=0.5, warmup_fraction=0.0, cooldown_fraction=0.25, pruning_interval=2)
+
+
+def interrupted_run(out, config, stop_at=4, callback=False):
+    """Train with checkpoints every 4 steps and stop after `stop_at`: what a crashed job leaves."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == stop_at
+
+    data = random_classification_data(64)
+    if callback:
+        trainer = Trainer(model=tiny_bert(), args=training_args(out, **STEPS), train_dataset=data,
+                          callbacks=[hf_prune.PruningCallback(config), StopAt()])
+    else:
+        trainer = PruningTrainer(model=tiny_bert(), args=training_args(out, **STEPS), pruning_config=config,
+                                 train_dataset=data, callbacks=[StopAt()])
+    trainer.train()
+    return trainer
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change", [dict(granularity="block", block_shape="4x4"), dict(target_sparsity=0.7),
+                                    dict(method="movement")])
+def test_resume_with_another_pruning_config_is_refused_and_the_checkpoints_kept(tmp_path, change):
+    out = tmp_path / "run"
+    interrupted_run(out, PruningConfig(**BASE))
+    before = snapshot(out)
+    changed = PruningConfig(**{**BASE, **change})
+    resumed = PruningTrainer(model=tiny_bert(), args=training_args(out, **STEPS), pruning_config=changed,
+                             train_dataset=random_classification_data(64))
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"{key}: .* in the checkpoint, .* now.*allow_resume_changes=True"):
+        resumed.train(resume_from_checkpoint=True)
+    assert snapshot(out) == before  # nothing written, nothing rotated away
+
+
+def test_resume_with_another_config_runs_when_allowed(tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(out, PruningConfig(**BASE))
+    changed = PruningConfig(**{**BASE, "target_sparsity": 0.7, "allow_resume_changes": True})
+    resumed = PruningTrainer(model=tiny_bert(), args=training_args(out, **STEPS), pruning_config=changed,
+                             train_dataset=random_classification_data(64))
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 12
+    assert resumed.pruner.measured_sparsity() == pytest.approx(0.7, abs=1e-3)  # the new config's target
+
+
+def test_the_callback_resumes_from_a_checkpoint_outside_output_dir(tmp_path):
+    import shutil
+
+    config = PruningConfig(method="movement", **BASE)
+    full = Trainer(model=tiny_bert(), args=training_args(tmp_path / "full", **STEPS),
+                   train_dataset=random_classification_data(64), callbacks=[hf_prune.PruningCallback(config)])
+    full.train()
+    interrupted_run(tmp_path / "first", config, stop_at=8, callback=True)
+    moved = tmp_path / "elsewhere" / "checkpoint-8"
+    shutil.copytree(tmp_path / "first" / "checkpoint-8", moved)
+    shutil.rmtree(tmp_path / "first")
+    callback = hf_prune.PruningCallback(config)
+    second = Trainer(model=tiny_bert(), args=training_args(tmp_path / "second", **STEPS),
+                     train_dataset=random_classification_data(64), callbacks=[callback])
+    second.train(resume_from_checkpoint=str(moved))
+    full_pruner = next(c.pruner for c in full.callback_handler.callbacks if isinstance(c, hf_prune.PruningCallback))
+    for name, mask in full_pruner.masks.items():
+        assert torch.equal(mask, callback.pruner.masks[name]), name  # scores and masks restored, not rebuilt
+
+
+def test_resuming_movement_without_its_state_is_refused(tmp_path):
+    config = PruningConfig(method="movement", **BASE)
+    out = tmp_path / "run"
+    interrupted_run(out, config, stop_at=8, callback=True)
+    for state in out.rglob(hf_prune.pruner.STATE_NAME):
+        state.unlink()  # a checkpoint written without hf_prune's state (or from before hf_prune)
+    second = Trainer(model=tiny_bert(), args=training_args(out, **STEPS), train_dataset=random_classification_data(64),
+                     callbacks=[hf_prune.PruningCallback(config)])
+    with pytest.raises(ValueError, match="no hf_prune_state.pt was found .* scores would restart"):
+        second.train(resume_from_checkpoint=True)
+
+
+def test_the_pruning_state_is_in_each_checkpoint_before_old_ones_are_rotated_away(tmp_path):
+    # Trainer deletes old checkpoints (save_total_limit) right after writing a new one, before callbacks' on_save:
+    # record what the newest checkpoint holds at that moment.
+    seen = []
+    trainer = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path, save_total_limit=1, **STEPS),
+                             pruning_config=PruningConfig(**BASE), train_dataset=random_classification_data(64))
+    rotate = trainer._rotate_checkpoints
+
+    def rotate_and_record(*args, **kwargs):
+        newest = max(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        seen.append((newest.name, (newest / hf_prune.pruner.STATE_NAME).is_file()))
+        return rotate(*args, **kwargs)
+
+    trainer._rotate_checkpoints = rotate_and_record
+    trainer.train()
+    assert seen == [("checkpoint-4", True), ("checkpoint-8", True), ("checkpoint-12", True)]
