@@ -29,8 +29,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
-import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .files import staged_directory
 from .finalize import make_permanent
 from .structure import load_pruned, remove_empty_structures, structure_summary
 
@@ -146,7 +145,8 @@ def _staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield an empty staging directory beside `output_dir`; move it into place only if the block succeeds.
 
     The previous `output_dir` is moved aside, not deleted, until the new one is in place, so a crash at any point
-    leaves either the old export or the new one, never a mixture.
+    leaves either the old export or the new one, never a mixture; leftovers of killed exports are cleaned first
+    (`hf_prune.files.staged_directory`).
     """
     if output_dir.exists():
         if not output_dir.is_dir():
@@ -157,23 +157,8 @@ def _staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
                 f"output_dir={str(output_dir)!r} exists, is not empty and holds no earlier hf_prune export "
                 f"({EXPORT_REPORT_NAME}); choose an empty or new directory, or pass overwrite=True to replace it."
             )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the export should read like any saved model
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    backup = None
-    if output_dir.exists():
-        backup = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output_dir, backup)
-    os.replace(staging, output_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    with staged_directory(str(output_dir)) as staging:
+        yield Path(staging)
 
 
 # ----------------------------------------------------------------------------------------------------------------

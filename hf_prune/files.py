@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 def atomic_write(path: str, write: Callable[[str], Any]) -> str:
@@ -50,24 +52,116 @@ def atomic_torch_save(obj: Any, path: str) -> str:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+# Staging and backup folders are named `.NAME.staging-HOST-PID-RANDOM` / `.NAME.previous-HOST-PID-RANDOM` beside
+# NAME, so a later call can tell those of a process that died (same host, PID gone) from those of one still running.
+_STAGING, _PREVIOUS = "staging", "previous"
+# Names earlier versions used (export's `.NAME.partial-*` / `.NAME.old-*`); without a PID, they are cleaned once old.
+_LEGACY_KINDS = ("partial", "old")
+LEGACY_LEFTOVER_SECONDS = 24 * 3600
+
+
+def _process_tag() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _is_dead(tag: str) -> bool:
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname().replace("-", "_") or not pid.isdigit():
+        return False  # another machine's (a shared file system): not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover_leftovers(path: str) -> list[str]:
+    """Clean what killed saves and exports left beside `path`; returns what was removed or restored.
+
+    A staging folder of a dead process is deleted. A `previous` folder of a dead process is the last good version
+    when the process died between moving it aside and moving the new one in: it is put back if `path` is missing,
+    deleted otherwise. Folders of live processes (or of other machines) are left alone.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
+        return []
+    touched = []
+    prefix = f".{name}."
+    for entry in sorted(os.listdir(parent)):
+        if not entry.startswith(prefix):
+            continue
+        kind, _, rest = entry[len(prefix):].partition("-")
+        full = os.path.join(parent, entry)
+        if kind in (_STAGING, _PREVIOUS):
+            tag = rest.rsplit("-", 1)[0]
+            if not _is_dead(tag):
+                continue
+        elif kind in _LEGACY_KINDS:
+            if time.time() - os.path.getmtime(full) < LEGACY_LEFTOVER_SECONDS:
+                continue
+        else:
+            continue
+        if kind in (_PREVIOUS, "old") and not os.path.exists(path):
+            os.replace(full, path)
+            touched.append(f"restored {full} -> {path}")
+        else:
+            shutil.rmtree(full, ignore_errors=True)
+            touched.append(f"removed {full}")
+    return touched
+
+
+def _link_tree(source: str, target: str) -> None:
+    """Hard-link (copy where links are impossible) `source` to `target`: no data is copied on one file system."""
+    if os.path.isdir(source) and not os.path.islink(source):
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, target)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
 @contextmanager
-def staged_directory(path: str) -> Iterator[str]:
-    """Yield a fresh staging directory next to `path`; when the block succeeds, it replaces `path` (an earlier
-    directory there is moved aside first and deleted only after the new one is in place). When the block fails, the
-    staging directory is deleted and `path` is left as it was: a failed save never costs the previous good one."""
+def staged_directory(path: str, carry_over: Optional[Callable[[str], bool]] = None) -> Iterator[str]:
+    """Yield a fresh staging directory next to `path`; when the block succeeds, it replaces `path` in one rename.
+
+    An earlier directory at `path` is moved aside first and deleted only after the new one is in place; when the block
+    fails, the staging directory is deleted and `path` is left as it was: a failed save never costs the previous good
+    one, and readers see the old set of files or the new one, never a mixture. Leftovers of killed processes beside
+    `path` are cleaned first (`recover_leftovers`).
+
+    Args:
+        path: the directory to (re)place.
+        carry_over: for an earlier directory at `path`, which of its entries (names) the new one keeps when the block
+            did not write them (checkpoints, logs and other files beside a saved model); they are hard-linked into
+            the staging directory before the swap. Default: none.
+    """
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:8]}")
+    recover_leftovers(path)
+    tag = f"{_process_tag()}-{uuid.uuid4().hex[:8]}"
+    staging = os.path.join(parent, f".{name}.{_STAGING}-{tag}")
     os.makedirs(staging)
     try:
         yield staging
+        if carry_over is not None and os.path.isdir(path):
+            for entry in os.listdir(path):
+                if not os.path.lexists(os.path.join(staging, entry)) and carry_over(entry):
+                    _link_tree(os.path.join(path, entry), os.path.join(staging, entry))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     previous = None
     if os.path.exists(path):
-        previous = os.path.join(parent, f".{name}.previous-{uuid.uuid4().hex[:8]}")
+        previous = os.path.join(parent, f".{name}.{_PREVIOUS}-{tag}")
         os.replace(path, previous)
     try:
         os.replace(staging, path)

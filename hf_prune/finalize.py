@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import types
 import weakref
 from typing import Any, Optional
@@ -19,9 +21,10 @@ from torch.nn.utils import prune as torch_prune
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import PruningConfig
-from .files import atomic_write_text
+from .files import atomic_write_text, staged_directory
 from .masks import sparsity_report
-from .structure import save_structure, structure_summary
+from .pruner import STATE_NAME
+from .structure import STRUCTURE_NAME, save_structure, structure_summary
 from .torch_prune import check_no_torch_prune
 
 REPORT_NAME = "sparsity_report.json"
@@ -192,18 +195,40 @@ def model_tags(config: PruningConfig) -> list[str]:
     return [*MODEL_TAGS, config.method]
 
 
+# What a model save writes and a new save must not inherit from an earlier one in the same folder: weights (a
+# sharded save leaves no single file to overwrite) and hf_prune's own files, which must describe these weights.
+_SAVE_OWNED = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|"
+    r"pytorch_model\.bin\.index\.json|config\.json|generation_config\.json|pruning_config\.json|"
+    rf"{re.escape(REPORT_NAME)}|{re.escape(STRUCTURE_NAME)}|{re.escape(STATE_NAME)})$"
+)
+
+
 def _save_pretrained_with_artifacts(self, save_directory, *args, **kwargs):
     # Bound to one model instance by `carry_artifacts`; the class's own save_pretrained does the saving.
     check_no_torch_prune(self, f"save {save_directory}")
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
+    save = type(self).save_pretrained
+    if not kwargs.get("is_main_process", True):
+        return save(self, save_directory, *args, **kwargs)
+    pruner = self.hf_prune_pruner() if getattr(self, "hf_prune_pruner", None) is not None else None
+    # Trainer rotates old checkpoints right after writing this one, before any callback's on_save: the pruning
+    # state must be in the checkpoint by then, or a crash leaves none with it.
+    checkpoint = os.path.basename(os.path.normpath(str(save_directory))).startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+    if kwargs.get("push_to_hub"):
+        # save_pretrained pushes from the folder it is given (and names the repo after it): no staging here.
+        result = save(self, save_directory, *args, **kwargs)
         save_pruning_artifacts(str(save_directory), self, self.hf_prune_config)
-        pruner = self.hf_prune_pruner() if getattr(self, "hf_prune_pruner", None) is not None else None
-        if pruner is not None and os.path.basename(os.path.normpath(str(save_directory))).startswith(
-                f"{PREFIX_CHECKPOINT_DIR}-"):
-            # Trainer rotates old checkpoints right after writing this one, before any callback's on_save: the
-            # pruning state must be in the checkpoint by then, or a crash leaves none with it.
-            pruner.save(str(save_directory))
+        return result
+    # Weights, config and hf_prune's files appear together or not at all: written to a staging folder that then
+    # replaces the target in one rename; what else the target held (checkpoints, logs, a tokenizer) is kept.
+    with staged_directory(str(save_directory), carry_over=lambda name: not _SAVE_OWNED.match(name)) as staging:
+        card = os.path.join(str(save_directory), CARD_NAME)
+        if os.path.isfile(card):
+            shutil.copy2(card, os.path.join(staging, CARD_NAME))  # our section is replaced in it, the rest kept
+        result = save(self, staging, *args, **kwargs)
+        save_pruning_artifacts(staging, self, self.hf_prune_config)
+        if pruner is not None and checkpoint:
+            pruner.save(staging)
     return result
 
 

@@ -165,3 +165,81 @@ def test_the_pruning_state_is_in_each_checkpoint_before_old_ones_are_rotated_awa
     trainer._rotate_checkpoints = rotate_and_record
     trainer.train()
     assert seen == [("checkpoint-4", True), ("checkpoint-8", True), ("checkpoint-12", True)]
+
+
+# ------------------------------------------------------------------------------------------------ saves as a set
+def pruned_trainer(out, steps=4):
+    trainer = PruningTrainer(model=tiny_bert(), args=training_args(out, max_steps=steps),
+                             pruning_config=PruningConfig(**BASE), train_dataset=random_classification_data(32))
+    trainer.train()
+    return trainer
+
+
+def test_a_failed_save_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import hf_prune.finalize
+
+    trainer = pruned_trainer(tmp_path / "run")
+    target = tmp_path / "model"
+    trainer.save_model(str(target))
+    before = snapshot(target)
+    trainer.train()  # weights change
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # The weights are written, then the sidecar files: fail in between.
+    monkeypatch.setattr(hf_prune.finalize, "sparsity_report", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model(str(target))
+    assert snapshot(target) == before  # the old weights with their own sidecar files, nothing half-new
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")] == []
+
+
+def test_save_model_keeps_checkpoints_and_drops_stale_weight_files(tmp_path):
+    out = tmp_path / "run"
+    trainer = PruningTrainer(model=tiny_bert(), args=training_args(out, **STEPS), pruning_config=PruningConfig(**BASE),
+                             train_dataset=random_classification_data(64))
+    trainer.train()
+    trainer.model.save_pretrained(str(out), max_shard_size="20KB")  # an earlier sharded save in the same folder
+    assert list(out.glob("model-*-of-*.safetensors"))
+    (out / "notes.txt").write_text("mine")
+    trainer.save_model()  # into args.output_dir, where the checkpoints are
+    assert not list(out.glob("model-*-of-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert (out / "checkpoint-8" / hf_prune.pruner.STATE_NAME).is_file() and (out / "notes.txt").read_text() == "mine"
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out))
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trainer.model.state_dict()[name]), name
+
+
+def test_leftovers_of_killed_saves_are_cleaned_and_a_lost_folder_restored(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from hf_prune.files import recover_leftovers, staged_directory
+
+    host = socket.gethostname().replace("-", "_")
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead_tag = f"{host}-{child.pid}-deadbeef"
+    live_tag = f"{host}-{os.getpid()}-cafe0000"
+    model = tmp_path / "model"
+    # Killed between moving the good folder aside and moving the new one in: the good one is only "previous".
+    (tmp_path / f".model.previous-{dead_tag}").mkdir()
+    (tmp_path / f".model.previous-{dead_tag}" / "config.json").write_text("{}")
+    (tmp_path / f".model.staging-{dead_tag}").mkdir()
+    (tmp_path / f".model.staging-{live_tag}").mkdir()  # a save still running in this process
+    legacy = tmp_path / ".model.partial-k2j3"
+    legacy.mkdir()
+    old = time.time() - 2 * 24 * 3600
+    os.utime(legacy, (old, old))
+    done = recover_leftovers(str(model))
+    assert (model / "config.json").read_text() == "{}"
+    assert len(done) == 3 and any(d.startswith("restored") for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.staging-{live_tag}", "model"]
+    with staged_directory(str(model)) as staging:
+        (tmp_path / "x").write_text("")  # the block runs; the live staging folder is not ours to delete
+        assert os.path.isdir(staging)
+    assert (tmp_path / f".model.staging-{live_tag}").is_dir()
