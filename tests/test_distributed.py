@@ -1,0 +1,56 @@
+"""Pruning under DDP with two real processes (torchrun, gloo on CPU): every rank ends with the same masks and scores,
+and the result equals a single-process run with the same global batch, within float tolerance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).resolve().parent / "distributed" / "train_worker.py"
+
+
+def run(command: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)  # a clean launch, whatever this process inherited
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_ddp_ranks_agree_and_match_one_process(tmp_path, method):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+         str(ddp), method, "4"], tmp_path)
+    run([sys.executable, str(WORKER), str(single), method, "8"], tmp_path)  # the same global batch of 8
+
+    ranks = [torch.load(ddp / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    reference = torch.load(single / "rank0.pt", weights_only=True)
+    assert [r["world_size"] for r in ranks] == [2, 2] and reference["world_size"] == 1
+    # Every rank made the same decisions from the same all-reduced gradients: masks and scores bit-identical.
+    assert ranks[0]["masks"].keys() == ranks[1]["masks"].keys() and ranks[0]["masks"]
+    for name in ranks[0]["masks"]:
+        assert torch.equal(ranks[0]["masks"][name], ranks[1]["masks"][name]), name
+    for name, scores in ranks[0]["method"].get("scores", {}).items():
+        assert torch.equal(scores, ranks[1]["method"]["scores"][name]), name
+    assert ranks[0]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    # DDP averages two half-batch gradients where one process averages the whole batch: equal up to rounding. Not
+    # the key biases: softmax over keys ignores them, their gradient is rounding noise that Adam scales up to steps.
+    compared = {n: w for n, w in reference["weights"].items() if not n.endswith("attention.self.key.bias")}
+    for name, weight in compared.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    for name, mask in reference["masks"].items():
+        agree = (ranks[0]["masks"][name] == mask).float().mean().item()
+        assert agree > 0.999, f"{name}: DDP and one process agree on {agree:.4%} of the mask"
+    # The saved model (rank 0) is the single process's.
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(str(ddp / "model")).state_dict()
+    for name, weight in compared.items():
+        torch.testing.assert_close(saved[name], weight, rtol=1e-4, atol=1e-5, msg=name)
