@@ -18,6 +18,7 @@ from .config import PruningConfig
 from .finalize import carry_artifacts
 from .methods import get_method
 from .pruner import STATE_NAME, Pruner
+from .sharding import check_unsharded
 
 logger = logging.get_logger(__name__)
 
@@ -65,6 +66,7 @@ class PruningCallback(TrainerCallback):
 
     # Building at the end of Trainer.__init__ makes bad targets or patterns fail before training starts.
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        check_unsharded(args=args)  # FSDP / ZeRO-3 wrap the model only in train(): refuse them here, early
         if model is not None:
             self.build(model)
 

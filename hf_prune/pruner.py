@@ -34,6 +34,7 @@ from .methods import PruningMethod, get_method
 from .methods.base import same_dtype
 from .optim import keep_optimizer_state
 from .schedules import SparsitySchedule
+from .sharding import check_unsharded
 from .torch_prune import fold_torch_prune
 from .units.gradual import GradualUnitPruner
 
@@ -72,6 +73,7 @@ class Pruner:
     def __init__(self, model: nn.Module, config: PruningConfig) -> None:
         self.config = config
         self.model = model
+        check_unsharded(model)
         fold_torch_prune(model)  # blog-recipe wrappers: rank and save plain weights, not a weight rebuilt per forward
         self.modules = find_target_modules(model, config.targets, config.exclude)
         if not self.modules:

@@ -54,3 +54,36 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path, method):
     saved = AutoModelForSequenceClassification.from_pretrained(str(ddp / "model")).state_dict()
     for name, weight in compared.items():
         torch.testing.assert_close(saved[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ sharded engines
+def test_fsdp2_sharded_parameters_are_refused_with_what_works(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import tiny_bert
+    from hf_prune import PruningConfig, Pruner
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_bert()
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)  # real FSDP2: every parameter is now a DTensor shard
+        with pytest.raises(ValueError, match=r"cannot prune under FSDP2 .* Prune with one process, DDP"):
+            Pruner(model, PruningConfig(target_sparsity=0.5))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_in_training_arguments_is_refused_before_training(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_prune.sharding import check_unsharded
+
+    args = TrainingArguments(str(tmp_path), fsdp="full_shard", use_cpu=True, report_to=[], max_steps=1)
+    # What the callback checks at the end of Trainer.__init__ (on a CPU-only machine Trainer itself stops earlier,
+    # when accelerate looks for an FSDP device).
+    with pytest.raises(ValueError, match=r"cannot prune under FSDP \(TrainingArguments.fsdp\)"):
+        check_unsharded(args=args)
+    check_unsharded(args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))  # DDP / one process: fine
