@@ -74,6 +74,7 @@ class PruningCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, optimizer=None, **kw
     ):
         pruner = self.build(model)
+        pruner.check_finite_gradients = bool(getattr(args, "fp16", False))  # only fp16 has a loss scaler that skips
         pruner.start(state.max_steps)
         pruner.attach_optimizer(optimizer)
         if state.global_step > 0:
@@ -83,7 +84,9 @@ class PruningCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.before_optimizer_step()
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):  # accelerate's optimizer under an fp16 GradScaler
+            self.pruner.skip_step()
         self.pruner.after_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -88,6 +88,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _MessageInExit:
+    """argparse prints a bad flag's message and raises a bare SystemExit(2): a caller of `main()` (a notebook, a
+    test) gets no message in the exception. This one prints the same lines and carries the message as well."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        text = f"{self.prog}: error: {message}"
+        print(text, file=sys.stderr)
+        exit_ = SystemExit(text)
+        exit_.code = 2  # argparse's status for usage errors; str(exit_) stays the message, printed once (above)
+        raise exit_
+
+
+class _ArgumentParser(_MessageInExit, argparse.ArgumentParser):
+    pass
+
+
+class _HfArgumentParser(_MessageInExit, HfArgumentParser):
+    pass
+
+
 def _read_yaml(path: str) -> dict:
     import yaml
 
@@ -96,6 +117,8 @@ def _read_yaml(path: str) -> dict:
             data = yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise SystemExit(f"hf-prune: --config {path!r} does not exist.") from None
+    except yaml.YAMLError as err:
+        raise SystemExit(f"hf-prune: --config {path!r} is not valid YAML ({err}).") from None
     if not isinstance(data, dict):
         raise SystemExit(f"hf-prune: --config {path!r} must hold a mapping of option: value, got {type(data).__name__}.")
     return data
@@ -131,7 +154,7 @@ def _set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
 
 def _command_parser(classes: tuple, defaults: dict, config_values: Optional[dict], **kwargs: Any) -> HfArgumentParser:
     """An HfArgumentParser over `classes` with `defaults`, then `config_values` (a --config file), as defaults."""
-    parser = HfArgumentParser(classes, formatter_class=_HelpFormatter, **kwargs)
+    parser = _HfArgumentParser(classes, formatter_class=_HelpFormatter, **kwargs)
     parser.add_argument("--config", default=None,
                         help="YAML file of options (any of the options below); command-line flags override it. "
                         "(default: none)")
@@ -229,7 +252,7 @@ def _check_config_keys(values: dict, path: str, classes: tuple, command: str) ->
 
 def _parse_command(argv: Sequence[str], classes: tuple, make_parser: Any, command: str) -> list:
     """The dataclasses of a command from an optional `--config` YAML file overridden by command-line flags."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = _ArgumentParser(prog=f"hf-prune {command}", add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(list(argv))
     values = {}
@@ -429,7 +452,7 @@ def _sensitivity(argv: Sequence[str]) -> int:
 def _export_parser() -> argparse.ArgumentParser:
     from .export import OPTIMIZATION_LEVELS, QUANTIZATION_MODES, SPARSE_INITIALIZER_MODES
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="hf-prune export",
         description="Export a (pruned) checkpoint to ONNX through Optimum, verified against PyTorch, optimised and "
         "optionally quantized to INT8. The output directory is written atomically.",
@@ -510,7 +533,7 @@ def _benchmark(argv: Sequence[str]) -> int:
         text = text or defaults[name].metadata["help"]
         return text if "(default" in text else text + " (default: %(default)s)"
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="hf-prune benchmark",
         description="Latency (p50/p90), throughput, size and accuracy of sequence-classification checkpoints in "
         "PyTorch and ONNX Runtime, side by side in one run. The first checkpoint is the baseline. Each checkpoint is "

@@ -40,6 +40,19 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ()
 CONFIG_NAME = "pruning_config.json"
 
 
+# Numeric options and what each allows, for the type check that runs before the range checks.
+_NUMBER_OPTIONS = {
+    **{name: "a sparsity must be a number in [0, 1)"
+       for name in ("target_sparsity", "initial_sparsity", "head_sparsity", "neuron_sparsity")},
+    **{name: "a fraction of training must be a number in [0, 1)" for name in ("warmup_fraction", "cooldown_fraction")},
+    "regularization_lambda": "must be a number >= 0",
+    "score_learning_rate": "must be a number > 0",
+    "distillation_alpha": "must be a number in [0, 1]",
+    "distillation_temperature": "must be a number > 0",
+    "distillation_hidden_weight": "must be a number >= 0",
+}
+
+
 def _fail(option: str, value: Any, allowed: str) -> None:
     raise ValueError(f"PruningConfig.{option}={value!r} is invalid: {allowed}.")
 
@@ -212,7 +225,27 @@ class PruningConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the option, the value and what is allowed."""
+        """Raise `ValueError` naming the option, the value and what is allowed.
+
+        `Pruner` calls it again when it starts, so a config changed after construction is checked where it is used.
+        """
+        # Types first: the range checks below would otherwise raise TypeError on strings and None, or take a bool
+        # as 0 or 1 (a YAML `true` in the wrong place).
+        for name, allowed in _NUMBER_OPTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                kind = "a bool" if isinstance(value, bool) else type(value).__name__
+                _fail(name, value, f"{allowed}, not {kind}")
+        for name in ("remove_structures", "allow_resume_changes"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                _fail(name, value, "give True or False (true/false in YAML, on the command line also yes/no)")
+        for option in ("targets", "exclude"):
+            patterns = getattr(self, option)
+            if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+                _fail(option, patterns, "give a list of regular expressions (strings) over module names")
+        if not isinstance(self.sparsity_overrides, dict):
+            _fail("sparsity_overrides", self.sparsity_overrides, "give a mapping of module-name regex to sparsity")
         if self.method not in available_methods():
             _fail("method", self.method, f"choose one of the registered methods {list(available_methods())}")
         if self.schedule not in SCHEDULES:
@@ -237,7 +270,8 @@ class PruningConfig:
                 self.warmup_fraction,
                 f"warmup_fraction + cooldown_fraction ({self.cooldown_fraction}) must leave steps to prune in (< 1)",
             )
-        if not isinstance(self.pruning_interval, int) or self.pruning_interval < 1:
+        if isinstance(self.pruning_interval, bool) or not isinstance(self.pruning_interval, int) \
+                or self.pruning_interval < 1:
             _fail("pruning_interval", self.pruning_interval, "a positive number of steps")
         self.block_dims  # both patterns parse (and fail with a clear message) whatever the granularity
         n, m = self.n_m_values
@@ -256,20 +290,25 @@ class PruningConfig:
         if not self.targets:
             _fail("targets", self.targets, "give at least one regex")
         for pattern, value in self.sparsity_overrides.items():
+            if not isinstance(pattern, str):
+                _fail("sparsity_overrides", pattern, "keys must be regular expressions (strings) over module names")
             try:
                 re.compile(pattern)
             except re.error as err:
                 _fail("sparsity_overrides", pattern, f"keys must be valid regular expressions ({err})")
+            if isinstance(value, bool):
+                _fail("sparsity_overrides", {pattern: value}, "a sparsity must be a number in [0, 1), not a bool")
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 _fail("sparsity_overrides", {pattern: value}, "a sparsity must lie in [0, 1)")
         get_method(self.method).validate_config(self)
-        if self.score_learning_rate <= 0:
+        # Written as `not value > 0` so that NaN fails too.
+        if not self.score_learning_rate > 0:
             _fail("score_learning_rate", self.score_learning_rate, "must be > 0")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             _fail("distillation_alpha", self.distillation_alpha, "must lie in [0, 1]")
-        if self.distillation_hidden_weight < 0:
+        if not self.distillation_hidden_weight >= 0:
             _fail("distillation_hidden_weight", self.distillation_hidden_weight, "must be >= 0")
-        if self.distillation_temperature <= 0:
+        if not self.distillation_temperature > 0:
             _fail("distillation_temperature", self.distillation_temperature, "must be > 0")
 
     @property
@@ -297,6 +336,8 @@ class PruningConfig:
         """Build from a mapping of options. `format_version` (written by `save_pretrained`) is optional; a file from
         a newer hf_prune loads with a warning and its unknown keys ignored, while unknown keys in a file of this
         version or older (a typo in a YAML file) fail, naming the allowed options."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"A PruningConfig is built from a mapping of option: value, got {type(data).__name__}.")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
         known = {f.name for f in fields(cls)}
@@ -314,20 +355,41 @@ class PruningConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "PruningConfig":
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"PruningConfig: {path!r} does not exist; give the {CONFIG_NAME} that save_pretrained wrote (or the "
+                "folder holding it, with from_pretrained)."
+            )
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"PruningConfig: {path} is not valid JSON ({err}); write it again with save_pretrained "
+                             "or fix it by hand.") from None
+        return cls._from_file_data(data, path)
 
     @classmethod
     def from_yaml(cls, path: str, section: Optional[str] = None) -> "PruningConfig":
         """Read a YAML file; `section` picks a nested mapping (e.g. 'pruning' in a main-job config)."""
         import yaml
 
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"PruningConfig: {path} is not valid YAML ({err}).") from None
         if section is not None:
-            if section not in data:
-                raise ValueError(f"{path} has no section {section!r}; its top-level keys are {sorted(data)}.")
+            if not isinstance(data, dict) or section not in data:
+                keys = sorted(map(str, data)) if isinstance(data, dict) else f"none (it holds a {type(data).__name__})"
+                raise ValueError(f"{path} has no section {section!r}; its top-level keys are {keys}.")
             data = data[section]
+        return cls._from_file_data(data, path)
+
+    @classmethod
+    def _from_file_data(cls, data: Any, path: str) -> "PruningConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"PruningConfig: {path} must hold a mapping of option: value (e.g. target_sparsity: 0.9), "
+                             f"got a {type(data).__name__}.")
         return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str) -> str:

@@ -138,6 +138,22 @@ def _pruning_text(config: PruningConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ data and models
+def _from_pretrained(auto_class: Any, path: str, option: str) -> Any:
+    """`auto_class.from_pretrained(path)`, failing with the option's name: Transformers' own message for a missing
+    folder is a Hub error about repo ids."""
+    try:
+        return auto_class.from_pretrained(path)
+    except (OSError, ValueError) as err:  # HFValidationError is a ValueError; a missing file an OSError
+        if os.path.exists(path) and not os.path.isdir(path):
+            problem = "is a file, not a model folder"
+        elif not os.path.isdir(path) and (path.count("/") > 1 or os.path.isabs(path) or path.startswith(".")):
+            problem = "does not exist"
+        else:
+            problem = f"could not be loaded ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        raise ValueError(f"--{option} {path!r} {problem}: give a model folder (save_pretrained output) or a Hub "
+                         "model id that is cached or reachable.") from None
+
+
 class JobData:
     """The checked data, tokenizer and tokenized splits of a job, loaded once and shared by all arms.
 
@@ -160,7 +176,7 @@ class JobData:
         self.data_args = data_args
         self.classes: ClassificationData = load_classification_data(data_args, splits, sources)
         self.label_config = self.classes.label_config()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = _from_pretrained(AutoTokenizer, self.model_path, "model_name_or_path")
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"--model_name_or_path {self.model_path!r}: its tokenizer has neither a pad nor an "
@@ -223,7 +239,7 @@ def validate_job(job: JobArguments, training_args: TrainingArguments, job_data: 
         raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r}: the two-arm job does "
                          "not resume; resume an arm with PruningTrainer.train(resume_from_checkpoint=...) instead.")
     if job.teacher_path:
-        config = AutoConfig.from_pretrained(job.teacher_path)
+        config = _from_pretrained(AutoConfig, job.teacher_path, "teacher_path")
         names = job_data.label_names
         if config.num_labels != len(names):
             raise ValueError(f"--teacher_path {job.teacher_path!r} has num_labels={config.num_labels} but the data "

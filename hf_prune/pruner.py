@@ -19,6 +19,7 @@ next to a training step.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from typing import Any, Optional
 
@@ -71,11 +72,16 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, config: PruningConfig) -> None:
+        if not isinstance(config, PruningConfig):
+            raise TypeError(f"Pruner takes a PruningConfig, got {type(config).__name__}.")
+        # Checked again here, where it is used: a config changed after construction (config.target_sparsity = 2.0
+        # in a notebook) would otherwise fail deep inside training, or not at all.
+        config.validate()
         self.config = config
         self.model = model
         check_unsharded(model)
         fold_torch_prune(model)  # blog-recipe wrappers: rank and save plain weights, not a weight rebuilt per forward
-        self.modules = find_target_modules(model, config.targets, config.exclude)
+        self.modules = _one_module_per_weight(find_target_modules(model, config.targets, config.exclude))
         if not self.modules:
             raise ValueError(
                 f"PruningConfig.targets={config.targets} (exclude={config.exclude}) matches no nn.Linear/Conv1D module "
@@ -116,6 +122,11 @@ class Pruner:
         self.schedule: Optional[SparsitySchedule] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.last_update_step = 0
+        # fp16 with a GradScaler: a step the scaler skips (inf/NaN gradients) is not a pruning step. Set by the
+        # callback from TrainingArguments.fp16; the check costs a pass over the gradients, so only then.
+        self.check_finite_gradients = False
+        self.skipped_steps = 0
+        self._skip_next_update = False
         self.scheduled_sparsity = 0.0
 
     @property
@@ -150,6 +161,8 @@ class Pruner:
                     names.append(name)
                     weights.append(module.weight.detach())
                     grads.append(module.weight.grad)
+            if names and self.check_finite_gradients and not _all_finite(grads):
+                names = []  # the scaler will skip this step: inf/NaN must not enter the scores
             if names:
                 self.method.on_gradients(names, weights, grads)
         self._multiply_by_keep(lambda module: module.weight.grad)
@@ -185,10 +198,23 @@ class Pruner:
             for tensor, keep in zip(targets, keeps):
                 tensor.mul_(keep)
 
+    def skip_step(self) -> None:
+        """The optimizer skipped this step (fp16 GradScaler overflow): the schedule does not advance, no masks change."""
+        self.skipped_steps += 1
+        self._skip_next_update = True
+
     def update(self, step: int) -> bool:
-        """Recompute masks if `step` is a scheduled pruning step; returns whether it was."""
+        """Recompute masks if `step` is a scheduled pruning step; returns whether it was.
+
+        `step` counts optimizer steps taken, skipped ones included (Trainer's global_step); the schedule follows the
+        steps actually applied.
+        """
         if self.schedule is None:
             raise RuntimeError("Pruner.start(total_steps) must be called before update().")
+        if self._skip_next_update:
+            self._skip_next_update = False
+            return False
+        step -= self.skipped_steps
         if not self.schedule.is_update_step(step):
             return False
         if self.config.target_sparsity > 0 or self.config.sparsity_overrides:
@@ -327,6 +353,7 @@ class Pruner:
             "masks": {n: m for n, m in self.masks.items() if m is not None},
             "method": self.method.state_dict(),
             "last_update_step": self.last_update_step,
+            "skipped_steps": self.skipped_steps,
             "scheduled_sparsity": self.scheduled_sparsity,
             "structured": None if self.units is None else self.units.state_dict(),
         }
@@ -349,26 +376,44 @@ class Pruner:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any], source: str = "the pruning state") -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"hf_prune: {source} is not a pruning state: Pruner.state_dict() writes a mapping, this "
+                             f"holds a {type(state).__name__}.")
+        missing = [key for key in ("masks", "last_update_step", "scheduled_sparsity") if key not in state]
+        if missing or not isinstance(state["masks"], dict):
+            problem = f"it lacks {missing}" if missing else f"its 'masks' is a {type(state['masks']).__name__}"
+            raise ValueError(f"hf_prune: {source} is not a pruning state as Pruner.state_dict() writes it ({problem}); "
+                             "resume from a checkpoint that hf_prune saved.")
         self.check_resume_config(state.get("config"), source)
         version = state.get("format_version", 1)
         if isinstance(version, int) and version > STATE_FORMAT_VERSION:
             known = {"format_version", "config", "masks", "method", "scores", "last_update_step",
-                     "scheduled_sparsity", "structured"}
+                     "scheduled_sparsity", "structured", "skipped_steps"}
             logger.warning(
                 "hf_prune: this pruning state was written by a newer hf_prune (format_version %s, this one reads %s); "
                 "ignoring what it does not know: %s.", version, STATE_FORMAT_VERSION, sorted(set(state) - known),
             )
         unknown = set(state["masks"]) - set(self.modules)
         if unknown:
-            raise ValueError(f"Pruning state holds masks for modules this model does not target: {sorted(unknown)[:4]}")
-        self.set_masks({name: state["masks"].get(name) for name in self.modules})
-        # Version 1 kept the movement / soft-movement scores at the top level.
-        method_state = state["method"] if "method" in state else {"scores": state.get("scores", {})}
-        self.method.load_state_dict(method_state)
+            raise ValueError(
+                f"hf_prune: {source} holds masks for modules this model does not target: {sorted(unknown)[:4]} "
+                f"(it targets, for example, {list(self.modules)[:4]}); the state belongs to another model or other "
+                "PruningConfig.targets."
+            )
+        try:
+            self.set_masks({name: state["masks"].get(name) for name in self.modules})
+            # Version 1 kept the movement / soft-movement scores at the top level.
+            method_state = state["method"] if "method" in state else {"scores": state.get("scores", {})}
+            self.method.load_state_dict(method_state)
+            if self.units is not None and state.get("structured") is not None:
+                self.units.load_state_dict(state["structured"])
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as err:
+            # The criterion's and the unit pruner's own loaders index the state directly: any of these means the
+            # state was written for another model, or damaged.
+            raise ValueError(f"hf_prune: {source} does not fit this model ({type(err).__name__}: {err}).") from None
         self.last_update_step = state["last_update_step"]
         self.scheduled_sparsity = state["scheduled_sparsity"]
-        if self.units is not None and state.get("structured") is not None:
-            self.units.load_state_dict(state["structured"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.apply_masks()
 
     def save(self, directory: str) -> str:
@@ -376,8 +421,24 @@ class Pruner:
         return atomic_torch_save(self.state_dict(), os.path.join(directory, STATE_NAME))
 
     def load(self, directory: str) -> None:
-        state = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
-        self.load_state_dict(state, source=f"the checkpoint {directory}")
+        path = os.path.join(directory, STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"hf_prune: no {STATE_NAME} in {directory!r}; give a checkpoint folder that "
+                                    "hf_prune saved (Pruner.save, or a Trainer checkpoint of a pruning run).")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # weights_only loading refuses pickled objects; its own message suggests turning that off, which would
+            # run whatever code the file holds. A state hf_prune wrote holds only tensors and plain containers.
+            raise ValueError(f"hf_prune: {path} holds objects other than tensors and plain containers, so it was not "
+                             "written by hf_prune's Pruner.save and is not loaded; resume from a checkpoint that "
+                             "hf_prune saved.") from None
+        except Exception as err:  # a truncated zip, or no torch file at all (torch raises RuntimeError, KeyError, ...)
+            reason = str(err).split(". ")[0]
+            raise ValueError(f"hf_prune: {path} could not be read ({type(err).__name__}: {reason}); it is truncated "
+                             "or was not written by hf_prune's Pruner.save. Resume from a checkpoint whose pruning "
+                             "state is intact.") from None
+        self.load_state_dict(state, source=f"the checkpoint {directory} ({STATE_NAME})")
 
 
 def _search(pattern: str, name: str) -> bool:
@@ -386,3 +447,25 @@ def _search(pattern: str, name: str) -> bool:
 
 def _example_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_prunable_module(m)][:6]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    # One fused norm per tensor and a single host sync; a norm is finite exactly when every element is.
+    return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all())
+
+
+def _one_module_per_weight(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Targeted modules with tied weights (one Parameter in several modules) are pruned once, through the first.
+
+    Ranking the shared tensor twice would count it twice towards the sparsity and prune it under two masks; the
+    tied copies (an LM head and its embedding, say) see the one mask because they are the same tensor.
+    """
+    seen: dict[int, str] = {}
+    kept = {}
+    for name, module in modules.items():
+        owner = seen.setdefault(id(module.weight), name)
+        if owner == name:
+            kept[name] = module
+        else:
+            logger.info("hf_prune: %s shares its weight with %s; pruned once, through %s", name, owner, owner)
+    return kept

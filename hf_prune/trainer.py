@@ -68,7 +68,16 @@ def hidden_state_loss(
     return torch.stack(losses).mean()
 
 
-def hidden_state_alignment(student: nn.Module, teacher_width: int) -> tuple[list[int], Optional[torch.Tensor]]:
+def _output_vocabulary(model: nn.Module) -> Optional[int]:
+    """The vocabulary a language model's logits range over (its output embeddings), or None for other heads."""
+    get = getattr(model, "get_output_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def hidden_state_alignment(student: nn.Module, teacher_width: int,
+                           teacher_depth: Optional[int] = None) -> tuple[list[int], Optional[torch.Tensor]]:
     """Which teacher hidden state and channels each hidden state of a depth- or width-pruned student matches.
 
     The teacher is the student before pruning (its original depth and width): hidden state 0 is the embeddings,
@@ -81,6 +90,12 @@ def hidden_state_alignment(student: nn.Module, teacher_width: int) -> tuple[list
         raise ValueError(
             f"PruningConfig.distillation_hidden_weight needs a teacher of the student's original hidden size "
             f"({summary['original_hidden_size']}), got {teacher_width}; set it to 0 for teachers of another width."
+        )
+    if teacher_depth is not None and teacher_depth != summary["original_num_layers"]:
+        raise ValueError(
+            f"PruningConfig.distillation_hidden_weight needs a teacher with as many layers as the student had before "
+            f"pruning ({teacher_depth} in the teacher, {summary['original_num_layers']} in the student); set it to 0 "
+            "for teachers of another depth."
         )
     gone_layers = set(summary["pruned_layers"])
     layers = [0] + [k + 1 for k in range(summary["original_num_layers"]) if k not in gone_layers]
@@ -140,6 +155,13 @@ class PruningTrainer(Trainer):
                 f"teacher_model has num_labels={teacher_labels} but the model has {student_labels}; distillation "
                 "needs the same output space."
             )
+        student_vocab = _output_vocabulary(self.model)
+        teacher_vocab = _output_vocabulary(teacher)
+        if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+            raise ValueError(
+                f"teacher_model predicts a vocabulary of {teacher_vocab} tokens but the model {student_vocab}; "
+                "distillation compares the two distributions token by token, so they need the same tokenizer."
+            )
         # eval() for deterministic targets; requires_grad is left alone (the forward runs under no_grad), so the
         # caller's model stays trainable if it is reused.
         return teacher.to(self.args.device).eval()
@@ -192,7 +214,7 @@ class PruningTrainer(Trainer):
                 if len(student_states) != len(teacher_states) or student_states[-1].shape != teacher_states[-1].shape:
                     # A depth- or width-pruned student: compare with the teacher's matching layers and channels.
                     layers, channels = hidden_state_alignment(self.accelerator.unwrap_model(model),
-                                                              teacher_states[-1].shape[-1])
+                                                              teacher_states[-1].shape[-1], len(teacher_states) - 1)
                 loss = loss + config.distillation_hidden_weight * hidden_state_loss(
                     student_states, teacher_states, layers, channels
                 )

@@ -243,3 +243,92 @@ def test_leftovers_of_killed_saves_are_cleaned_and_a_lost_folder_restored(tmp_pa
         (tmp_path / "x").write_text("")  # the block runs; the live staging folder is not ours to delete
         assert os.path.isdir(staging)
     assert (tmp_path / f".model.staging-{live_tag}").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------ fp16 and ties
+def movement_pruner(check_finite=True):
+    from hf_prune import Pruner
+
+    model = tiny_bert(dropout=0.0)
+    pruner = Pruner(model, PruningConfig(method="movement", target_sparsity=0.5, warmup_fraction=0.0,
+                                         cooldown_fraction=0.0, pruning_interval=1))
+    pruner.check_finite_gradients = check_finite
+    pruner.start(10)
+    return model, pruner
+
+
+def test_a_step_with_inf_gradients_adds_nothing_to_the_scores():
+    model, pruner = movement_pruner()
+    loss = model(input_ids=torch.randint(1, 100, (2, 6)), labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    before = {n: s.clone() for n, s in pruner.method.state_dict()["scores"].items()}
+    first = next(iter(pruner.modules.values()))
+    first.weight.grad[0, 0] = float("inf")  # what an fp16 overflow leaves before the scaler skips the step
+    pruner.before_optimizer_step()
+    after = pruner.method.state_dict()["scores"]
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    first.weight.grad[0, 0] = 0.0
+    pruner.before_optimizer_step()  # finite: scored
+    assert any(not torch.equal(before[n], pruner.method.state_dict()["scores"][n]) for n in before)
+    assert all(torch.isfinite(s).all() for s in pruner.method.state_dict()["scores"].values())
+
+
+def test_a_skipped_step_does_not_advance_the_schedule():
+    _, skipped = movement_pruner()
+    _, reference = movement_pruner()
+    for step in range(1, 6):
+        reference.update(step)
+    for step in range(1, 7):  # one more optimizer step taken, the third one skipped by the scaler
+        if step == 3:
+            skipped.skip_step()
+        changed = skipped.update(step)
+        assert changed is (step != 3)
+    assert skipped.scheduled_sparsity == reference.scheduled_sparsity
+    assert skipped.state_dict()["skipped_steps"] == 1
+
+
+def test_a_tied_lm_head_is_pruned_once_and_stays_tied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_gpt2
+    from hf_prune import Pruner
+
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # `lm_head` is a Linear, the embedding is not: both names reach the one tied tensor.
+    config = PruningConfig(target_sparsity=0.5, targets=[r"lm_head", r"h\.\d+\.mlp"], warmup_fraction=0.0,
+                           cooldown_fraction=0.0)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    weight = model.lm_head.weight
+    assert model.transformer.wte.weight is weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # once, not 0.75 from two masks
+    model.save_pretrained(str(tmp_path / "lm"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm"))
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
+    assert torch.equal(reloaded.transformer.wte.weight, weight)
+
+
+def test_two_targeted_modules_sharing_one_weight_prune_it_once():
+    from hf_prune import Pruner
+
+    model = tiny_bert()
+    layers = model.bert.encoder.layer
+    layers[1].intermediate.dense.weight = layers[0].intermediate.dense.weight  # tied, as some checkpoints do
+    pruner = Pruner(model, PruningConfig(target_sparsity=0.5, scope="local"))
+    assert "bert.encoder.layer.0.intermediate.dense" in pruner.modules
+    assert "bert.encoder.layer.1.intermediate.dense" not in pruner.modules
+    pruner.start(10)
+    pruner.prune_to(0.5)
+    shared = layers[0].intermediate.dense.weight
+    assert (shared == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert layers[1].intermediate.dense.weight is shared
+
+
+def test_skipped_steps_survive_a_resume():
+    _, pruner = movement_pruner()
+    pruner.skip_step()
+    pruner.update(1)
+    _, resumed = movement_pruner()
+    resumed.load_state_dict(pruner.state_dict())
+    assert resumed.skipped_steps == 1

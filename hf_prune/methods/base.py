@@ -119,11 +119,14 @@ def available_methods() -> tuple[str, ...]:
 
 
 def get_method(name: str) -> type[PruningMethod]:
-    """The class registered under `name`; KeyError naming the registered ones otherwise."""
+    """The class registered under `name`; ValueError naming the registered ones otherwise."""
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"No pruning method {name!r} is registered; registered: {available_methods()}.") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a YAML file)
+        raise ValueError(
+            f"PruningConfig.method={name!r} is invalid: choose one of the registered methods "
+            f"{list(available_methods())} or register one with hf_prune.register_method."
+        ) from None
 
 
 def same_dtype(*lists: list[torch.Tensor]) -> bool:

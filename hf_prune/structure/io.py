@@ -71,31 +71,85 @@ def resolve_directory(path_or_repo_id: str, hub_kwargs: Optional[dict] = None) -
     """A local folder for a model given as a folder or a Hub id (its json and safetensors files, downloaded once)."""
     if os.path.isdir(path_or_repo_id):
         return path_or_repo_id
+    if os.path.exists(path_or_repo_id):
+        raise FileNotFoundError(
+            f"hf_prune.load_pruned: {path_or_repo_id!r} is a file, not a folder; give the folder save_pretrained wrote "
+            "(config.json and model.safetensors) or a Hub repo id."
+        )
+    # A Hub id is `name` or `namespace/name`: anything with more parts, or written as a path, is a missing folder.
+    written_as_path = path_or_repo_id.startswith(("./", "../", "~")) or "\\" in path_or_repo_id
+    if path_or_repo_id.count("/") > 1 or os.path.isabs(path_or_repo_id) or written_as_path:
+        raise FileNotFoundError(
+            f"hf_prune.load_pruned: the folder {path_or_repo_id!r} does not exist; give the folder save_pretrained "
+            "wrote (config.json and model.safetensors) or a Hub repo id."
+        )
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        path_or_repo_id, allow_patterns=["*.json", "*.safetensors"], **(hub_kwargs or {})
-    )
+    try:
+        return snapshot_download(
+            path_or_repo_id, allow_patterns=["*.json", "*.safetensors"], **(hub_kwargs or {})
+        )
+    except Exception as err:  # invalid id, offline without a cached copy, no such repo, no access
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(
+            f"hf_prune.load_pruned: {path_or_repo_id!r} is not a local folder, and as a Hub repo id it could not be "
+            f"fetched ({type(err).__name__}: {reason}). Give the folder save_pretrained wrote, or a Hub repo id that "
+            "is cached or reachable (HF_HUB_OFFLINE=1 allows only cached ones)."
+        ) from None
 
 
 def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
+        return _load_safetensors_file(single)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"hf_prune.load_pruned: {index} is not a safetensors index (a JSON object with a "
+                             f"'weight_map' of tensor name: shard file) ({type(err).__name__}: {err}).") from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(os.path.join(directory, shard)))
+            state.update(_load_safetensors_file(os.path.join(directory, shard)))
         return state
     raise FileNotFoundError(
         f"hf_prune.load_pruned: no model.safetensors (or model.safetensors.index.json) in {directory!r}; save the "
         "model with save_pretrained(..., safe_serialization=True)."
     )
+
+
+def _load_safetensors_file(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"hf_prune.load_pruned: the weight file {path!r} is missing.")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
+        raise ValueError(f"hf_prune.load_pruned: {path} could not be read as safetensors ({err}); it is truncated "
+                         "or not a safetensors file: save the model again.") from None
+
+
+def _read_config(directory: str) -> Any:
+    """`AutoConfig` of `directory`, with a missing or damaged config.json named as such."""
+    from transformers import AutoConfig
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"hf_prune.load_pruned: no config.json in {directory!r}; give the folder "
+                                "save_pretrained wrote (config.json and model.safetensors).")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"hf_prune.load_pruned: {path} is not valid JSON ({err}); it is truncated or was edited: "
+                         "save the model again.") from None
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except OSError as err:
+        raise ValueError(f"hf_prune.load_pruned: {path} could not be read as a Transformers config ({err}).") from None
 
 
 def _model_class(config: Any, model_class: Optional[type]) -> type:
@@ -199,8 +253,6 @@ def load_pruned(
     Returns:
         The model in eval mode, as `from_pretrained` returns it.
     """
-    from transformers import AutoConfig
-
     unknown = sorted(set(from_pretrained_kwargs) - set(_HUB_KWARGS) - set(_BUILD_KWARGS))
     if unknown:
         raise TypeError(
@@ -210,7 +262,7 @@ def load_pruned(
     build_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _BUILD_KWARGS}
     directory = resolve_directory(str(path_or_repo_id), hub_kwargs)
 
-    config = AutoConfig.from_pretrained(directory)
+    config = _read_config(directory)
     structure_path = os.path.join(directory, STRUCTURE_NAME)
     from_file: dict = {}
     if os.path.isfile(structure_path):
@@ -253,12 +305,18 @@ def load_pruned(
         model = cls.from_config(config, **build_kwargs)
     else:
         model = cls._from_config(config, **build_kwargs)
-    # Heads and neurons first, while the layers still have their original indices.
-    prune_heads(model, heads)
-    prune_ffn_neurons(model, neurons)
-    prune_layers(model, pruned_layers)
     norm_elements = structure.get("norm_elements")
-    prune_hidden(model, pruned_hidden, exact=norm_elements is not None)
+    try:
+        # Heads and neurons first, while the layers still have their original indices.
+        prune_heads(model, heads)
+        prune_ffn_neurons(model, neurons)
+        prune_layers(model, pruned_layers)
+        prune_hidden(model, pruned_hidden, exact=norm_elements is not None)
+    except ValueError as err:  # the pruning calls name the layer or unit; say where the list came from
+        raise ValueError(
+            f"hf_prune.load_pruned: the structure record of {directory!r} (config.{CONFIG_ATTR}, {STRUCTURE_NAME} or "
+            f"config.pruned_heads) does not fit its config.json: {err}"
+        ) from None
     if norm_elements is not None:
         for module in model.modules():
             if isinstance(module, (ExactLayerNorm, ExactRMSNorm)):
