@@ -43,7 +43,8 @@ def save_figure(figure, path: str) -> str:
     if directory:
         os.makedirs(directory, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path)
+    # "tight" also keeps labels that tight_layout leaves outside the canvas (a colorbar's label).
+    figure.savefig(path, bbox_inches="tight")
     figure.clear()
     return path
 

@@ -99,7 +99,8 @@ def plot_accuracy_latency(results: dict[str, Any], path: str) -> Optional[str]:
     axes.set_title("Accuracy vs latency (up and left is better)")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    # "tight" also keeps labels that tight_layout leaves outside the canvas (a colorbar's label).
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     return path
 
