@@ -17,7 +17,7 @@ from transformers.utils import logging
 from .config import PruningConfig
 from .finalize import carry_artifacts
 from .methods import get_method
-from .pruner import STATE_NAME, Pruner
+from .pruner import STATE_NAME, Pruner, weights_sharded_since
 from .sharding import check_unsharded
 
 logger = logging.get_logger(__name__)
@@ -57,7 +57,7 @@ class PruningCallback(TrainerCallback):
         self.metrics_logged_by_trainer = managed_by_trainer
 
     def build(self, model) -> Pruner:
-        if self.pruner is None or self.pruner.model is not model:
+        if self.pruner is None or self.pruner.model is not model or weights_sharded_since(self.pruner):
             self.pruner = Pruner(model, self.config)
             # Every save of this model (save_model, checkpoints, push_to_hub) then carries the pruning artifacts, and
             # a checkpoint its pruning state, written with the weights, before Trainer rotates old checkpoints away.

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import DEFAULT_EXCLUDE, DEFAULT_TARGETS, PruningConfig
 from .linear import is_prunable_module, matrix_view
+from .sharding import full
 
 # Below this many units, one `topk` over all of them is fast enough; above it, `select_lowest` finds the k-th value
 # from a sample and a few counting passes instead (topk over MiniLM's 10.6M weights took ~0.25 s per mask update).
@@ -171,7 +172,7 @@ def sparsity_report(
     per_module = {}
     zeros_total = params_total = 0
     for name, module in modules.items():
-        weight = module.weight.detach()
+        weight = full(module.weight.detach())  # FSDP2: counted on the whole tensor, not this process's shard
         zeros = int((weight == 0).sum())
         per_module[name] = {
             "sparsity": zeros / weight.numel(),

@@ -35,7 +35,7 @@ from .methods import PruningMethod, get_method
 from .methods.base import same_dtype
 from .optim import keep_optimizer_state
 from .schedules import SparsitySchedule
-from .sharding import check_unsharded
+from .sharding import check_unsharded, full, is_sharded, shard_like
 from .torch_prune import fold_torch_prune
 from .units.gradual import GradualUnitPruner
 
@@ -102,6 +102,16 @@ class Pruner:
                 )
         for name, module in self.modules.items():
             check_pattern_fits(name, module, config)
+        # Whether the weights were DTensors when this Pruner was built: accelerate shards (FSDP2) in place, after
+        # Trainer built the Pruner, and the callback then builds a new one.
+        self.sharded = any(is_sharded(m.weight) for m in self.modules.values())
+        if self.sharded and (
+                get_method(config.method).requires_trainer or config.head_sparsity > 0 or config.neuron_sparsity > 0):
+            raise ValueError(
+                f"hf_prune: under FSDP2 (sharded parameters) PruningConfig.method={config.method!r}, head_sparsity="
+                f"{config.head_sparsity} and neuron_sparsity={config.neuron_sparsity} are not supported yet: use a "
+                "method without learnable scores (magnitude, movement) and no head/neuron pruning, or DDP."
+            )
 
         # Modules with an override are ranked among themselves; all others share the global target.
         self.override_of: dict[str, float] = {}
@@ -256,15 +266,17 @@ class Pruner:
                 raise ValueError(
                     f"Pruning mask of {name!r} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}."
                 )
-            mask = mask.to(device=weight.device, dtype=torch.bool)
-            self.masks[name] = mask
-            self._keep[name] = (~mask).to(weight.dtype)
+            mask = mask.to(device=full(weight).device if not is_sharded(weight) else mask.device, dtype=torch.bool)
+            self.masks[name] = mask  # whole, the same on every process (FSDP2 too)
+            # The multiplier is cut like the weight (FSDP2: each process its shard).
+            self._keep[name] = shard_like((~mask).to(weight.dtype), weight)
         self.apply_masks()
 
     def importance(self, name: str) -> torch.Tensor:
         """(out, in) float32 scores of one module under the configured method; higher is kept."""
         module = self.modules[name]
-        return matrix_view(module, self.method.scores(name, module))
+        # Ranked on the whole tensor: under FSDP2 each process gathers the scores (every rank prunes at the same step).
+        return matrix_view(module, full(self.method.scores(name, module)))
 
     def _ranking_scores(self, name: str) -> torch.Tensor:
         # Pruning is monotone: a pruned weight is already zero, and letting it back in would restart it from zero
@@ -333,7 +345,7 @@ class Pruner:
         """Fraction of targeted weights that are exactly zero, counted on the weights (not on the masks)."""
         if self.finished:  # modules were rebuilt by structural removal
             return sparsity_report(self.model, self.config.targets, self.config.exclude)["global_sparsity"]
-        zeros = sum(int((m.weight == 0).sum()) for m in self.modules.values())
+        zeros = sum(int((full(m.weight.detach()) == 0).sum()) for m in self.modules.values())
         return zeros / self.num_targeted
 
     def log_metrics(self) -> dict[str, float]:
@@ -469,3 +481,8 @@ def _one_module_per_weight(modules: dict[str, nn.Module]) -> dict[str, nn.Module
         else:
             logger.info("hf_prune: %s shares its weight with %s; pruned once, through %s", name, owner, owner)
     return kept
+
+
+def weights_sharded_since(pruner: "Pruner") -> bool:
+    """Whether `pruner`'s weights became DTensors after it was built (its masks and scores are then of the wrong kind)."""
+    return not pruner.sharded and any(is_sharded(m.weight) for m in pruner.modules.values())

@@ -56,8 +56,36 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path, method):
         torch.testing.assert_close(saved[name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
-# ------------------------------------------------------------------------------------------------ sharded engines
-def test_fsdp2_sharded_parameters_are_refused_with_what_works(tmp_path):
+# ------------------------------------------------------------------------------------------------ FSDP2
+FSDP_WORKER = Path(__file__).resolve().parent / "distributed" / "fsdp_worker.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_fsdp2_ranks_agree_and_match_one_process(tmp_path, method):
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FSDP_WORKER),
+         str(fsdp), method], tmp_path)
+    run([sys.executable, str(FSDP_WORKER), str(single), method], tmp_path)
+
+    ranks = [torch.load(fsdp / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    reference = torch.load(single / "rank0.pt", weights_only=True)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    # Each process held half of every weight; the scores were gathered and ranked whole, so the masks (kept whole
+    # on every rank) are identical, and every shard of a pruned weight is zero.
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+        assert torch.all(ranks[0]["weights"][name][mask] == 0), name
+    assert ranks[0]["sparsity"] == ranks[1]["sparsity"] == pytest.approx(0.75, abs=1e-3)  # counted over all shards
+    for name, mask in reference["masks"].items():
+        agree = (ranks[0]["masks"][name] == mask).float().mean().item()
+        assert agree > 0.999, f"{name}: FSDP2 and one process agree on {agree:.4%} of the mask"
+        torch.testing.assert_close(ranks[0]["weights"][name], reference["weights"][name], rtol=1e-4, atol=1e-5,
+                                   msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ what is refused
+def test_soft_movement_and_unit_pruning_are_refused_on_fsdp2_parameters(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -70,13 +98,16 @@ def test_fsdp2_sharded_parameters_are_refused_with_what_works(tmp_path):
         for layer in model.bert.encoder.layer:
             fully_shard(layer)
         fully_shard(model)  # real FSDP2: every parameter is now a DTensor shard
-        with pytest.raises(ValueError, match=r"cannot prune under FSDP2 .* Prune with one process, DDP"):
-            Pruner(model, PruningConfig(target_sparsity=0.5))
+        Pruner(model, PruningConfig(target_sparsity=0.5))  # magnitude: supported
+        with pytest.raises(ValueError, match=r"under FSDP2 .*method='soft_movement'"):
+            Pruner(model, PruningConfig(method="soft_movement", target_sparsity=0.5))
+        with pytest.raises(ValueError, match=r"under FSDP2 .*head_sparsity=0.5"):
+            Pruner(model, PruningConfig(target_sparsity=0.0, head_sparsity=0.5))
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp_in_training_arguments_is_refused_before_training(tmp_path):
+def test_fsdp1_in_training_arguments_is_refused_before_training(tmp_path):
     from transformers import TrainingArguments
 
     from hf_prune.sharding import check_unsharded
@@ -84,6 +115,30 @@ def test_fsdp_in_training_arguments_is_refused_before_training(tmp_path):
     args = TrainingArguments(str(tmp_path), fsdp="full_shard", use_cpu=True, report_to=[], max_steps=1)
     # What the callback checks at the end of Trainer.__init__ (on a CPU-only machine Trainer itself stops earlier,
     # when accelerate looks for an FSDP device).
-    with pytest.raises(ValueError, match=r"cannot prune under FSDP \(TrainingArguments.fsdp\)"):
+    with pytest.raises(ValueError, match=r"cannot prune under FSDP1 .*FSDP2 \(fully_shard, fsdp_version 2\)"):
         check_unsharded(args=args)
-    check_unsharded(args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))  # DDP / one process: fine
+    fsdp2 = TrainingArguments(str(tmp_path), fsdp="full_shard", fsdp_config={"fsdp_version": 2}, use_cpu=True,
+                              report_to=[], max_steps=1)
+    check_unsharded(args=fsdp2)
+    check_unsharded(args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))  # DDP / one process
+
+
+def test_the_callback_rebuilds_its_pruner_when_accelerate_shards_the_model_in_place(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import tiny_bert
+    from hf_prune import PruningCallback, PruningConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_bert()
+        callback = PruningCallback(PruningConfig(method="movement", target_sparsity=0.5))
+        before = callback.build(model)  # at Trainer.__init__: whole parameters
+        assert not before.sharded
+        fully_shard(model)  # what accelerate.prepare does for FSDP2, on the same module object
+        after = callback.build(model)  # at on_train_begin
+        assert after is not before and after.sharded
+        assert callback.build(model) is after
+    finally:
+        dist.destroy_process_group()

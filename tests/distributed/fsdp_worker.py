@@ -1,0 +1,71 @@
+"""One process of an FSDP2 pruning run (`fully_shard` over gloo on CPU), or the single-process reference, for
+tests/test_distributed.py.
+
+Launched as `torchrun --standalone --nproc_per_node 2 fsdp_worker.py OUT METHOD` or plainly with `python`. Trainer
+runs FSDP only on accelerators, so this is the loop Trainer would run, calling the Pruner where the callback does:
+gradients scored and masked before the optimizer step, masks re-applied after it, the schedule after each step.
+Each process sees its half of every global batch of 8. Every rank writes OUT/rank{RANK}.pt: masks, the whole
+weights (gathered) and the measured sparsity.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for conftest
+
+from conftest import random_classification_data, tiny_bert  # noqa: E402
+
+from hf_prune import PruningConfig, Pruner  # noqa: E402
+from hf_prune.sharding import full, is_sharded  # noqa: E402
+
+STEPS, BATCH = 12, 8
+
+
+def main(out: str, method: str) -> None:
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    model = tiny_bert(dropout=0.0)
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+        assert is_sharded(model.bert.encoder.layer[0].attention.self.query.weight)
+    pruner = Pruner(model, PruningConfig(method=method, target_sparsity=0.75, warmup_fraction=0.1,
+                                         cooldown_fraction=0.2, pruning_interval=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner.attach_optimizer(optimizer)
+    pruner.start(STEPS)
+    data = random_classification_data(STEPS * BATCH)
+    ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["labels"])
+    share = BATCH // world
+    for step in range(STEPS):
+        rows = slice(step * BATCH + rank * share, step * BATCH + (rank + 1) * share)
+        model(input_ids=ids[rows], labels=labels[rows]).loss.backward()
+        pruner.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.after_optimizer_step()
+        pruner.update(step + 1)
+    torch.save({
+        "world_size": world,
+        "masks": {n: m.clone() for n, m in pruner.masks.items() if m is not None},
+        "weights": {n: full(m.weight.detach()).clone() for n, m in pruner.modules.items()},
+        "sparsity": pruner.measured_sparsity(),
+    }, os.path.join(out, f"rank{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.makedirs(sys.argv[1], exist_ok=True)
+    main(sys.argv[1], sys.argv[2])
