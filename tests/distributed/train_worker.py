@@ -27,7 +27,7 @@ def main(out: str, method: str, per_device_batch: int) -> None:
                            pruning_interval=2)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = training_args(os.path.join(out, "run"), max_steps=12, per_device_train_batch_size=per_device_batch,
-                         learning_rate=1e-2, **({"ddp_backend": "gloo"} if distributed else {}))
+                         learning_rate=0.1, optim="sgd", **({"ddp_backend": "gloo"} if distributed else {}))
     trainer = PruningTrainer(model=model, args=args, pruning_config=config,
                              train_dataset=random_classification_data(96))
     trainer.train()
