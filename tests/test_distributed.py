@@ -16,8 +16,12 @@ WORKER = Path(__file__).resolve().parent / "distributed" / "train_worker.py"
 
 def run(command: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(key, None)  # a clean launch, whatever this process inherited
+    # A clean launch, whatever this process inherited: earlier tests' TrainingArguments export ACCELERATE_* variables
+    # (mixed precision, FSDP) that accelerate in the workers would obey.
+    for key in list(env):
+        if key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") or key.startswith(
+                ("ACCELERATE_", "FSDP_")):
+            del env[key]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
