@@ -507,8 +507,11 @@ def export_onnx(
     Returns:
         An `ExportResult`, also written to `output_dir/hf_prune_export.json`.
     """
-    require_onnx()
+    # Options and paths first: a typo is reported whether or not the onnx extra is installed.
     _check_options(optimize, quantize, sparse_initializers, tolerance, quantized_tolerance)
+    if isinstance(model_or_path, (str, os.PathLike)) and not Path(model_or_path).is_dir():
+        raise FileNotFoundError(f"model_or_path={str(model_or_path)!r} is not a directory with a saved model.")
+    require_onnx()
     output_dir = Path(output_dir)
     model, tokenizer, source_dir, removed = _prepare_model(model_or_path, remove_structures, tokenizer)
     summary = _safe_summary(model)

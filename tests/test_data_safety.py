@@ -149,20 +149,26 @@ def test_resuming_movement_without_its_state_is_refused(tmp_path):
         second.train(resume_from_checkpoint=True)
 
 
-def test_the_pruning_state_is_in_each_checkpoint_before_old_ones_are_rotated_away(tmp_path):
+def test_the_pruning_state_is_in_each_checkpoint_before_old_ones_are_rotated_away(tmp_path, monkeypatch):
     # Trainer deletes old checkpoints (save_total_limit) right after writing a new one, before callbacks' on_save:
     # record what the newest checkpoint holds at that moment.
     seen = []
+    import transformers.trainer
+
     trainer = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path, save_total_limit=1, **STEPS),
                              pruning_config=PruningConfig(**BASE), train_dataset=random_classification_data(64))
-    rotate = trainer._rotate_checkpoints
 
-    def rotate_and_record(*args, **kwargs):
-        newest = max(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        seen.append((newest.name, (newest / hf_prune.pruner.STATE_NAME).is_file()))
-        return rotate(*args, **kwargs)
+    def recording(rotate):
+        def rotate_and_record(*args, **kwargs):
+            newest = max(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            seen.append((newest.name, (newest / hf_prune.pruner.STATE_NAME).is_file()))
+            return rotate(*args, **kwargs)
+        return rotate_and_record
 
-    trainer._rotate_checkpoints = rotate_and_record
+    if hasattr(trainer, "_rotate_checkpoints"):  # Transformers 4.x: a Trainer method
+        monkeypatch.setattr(trainer, "_rotate_checkpoints", recording(trainer._rotate_checkpoints))
+    else:  # Transformers 5: a function of transformers.trainer_utils that Trainer imports
+        monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", recording(transformers.trainer.rotate_checkpoints))
     trainer.train()
     assert seen == [("checkpoint-4", True), ("checkpoint-8", True), ("checkpoint-12", True)]
 

@@ -26,8 +26,12 @@ def main(out: str, method: str, per_device_batch: int) -> None:
     config = PruningConfig(method=method, target_sparsity=0.75, warmup_fraction=0.1, cooldown_fraction=0.2,
                            pruning_interval=2)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # average_tokens_across_devices=False: Transformers 5 (where it defaults to True) multiplies the loss by the number
+    # of processes for models that take loss kwargs, and a sequence classifier's loss is a per-device mean, so its
+    # DDP gradients would be twice one process's.
     args = training_args(os.path.join(out, "run"), max_steps=12, per_device_train_batch_size=per_device_batch,
-                         learning_rate=0.1, optim="sgd", **({"ddp_backend": "gloo"} if distributed else {}))
+                         learning_rate=0.1, optim="sgd", average_tokens_across_devices=False,
+                         **({"ddp_backend": "gloo"} if distributed else {}))
     trainer = PruningTrainer(model=model, args=args, pruning_config=config,
                              train_dataset=random_classification_data(96))
     trainer.train()
