@@ -140,6 +140,7 @@ class PruningTrainer(Trainer):
         if self.pruning_callback.pruner is None and self.model is not None:
             self.pruning_callback.build(self.model)
         self.teacher_model = self._prepare_teacher(teacher_model)
+        self._hidden_alignment: Optional[tuple[list[int], Optional[torch.Tensor]]] = None  # see compute_loss
 
     @property
     def pruner(self) -> Pruner:
@@ -213,8 +214,12 @@ class PruningTrainer(Trainer):
                 layers = channels = None
                 if len(student_states) != len(teacher_states) or student_states[-1].shape != teacher_states[-1].shape:
                     # A depth- or width-pruned student: compare with the teacher's matching layers and channels.
-                    layers, channels = hidden_state_alignment(self.accelerator.unwrap_model(model),
-                                                              teacher_states[-1].shape[-1], len(teacher_states) - 1)
+                    # Depth and width do not change while training, so the alignment is worked out once.
+                    if self._hidden_alignment is None:
+                        self._hidden_alignment = hidden_state_alignment(
+                            self.accelerator.unwrap_model(model), teacher_states[-1].shape[-1], len(teacher_states) - 1
+                        )
+                    layers, channels = self._hidden_alignment
                 loss = loss + config.distillation_hidden_weight * hidden_state_loss(
                     student_states, teacher_states, layers, channels
                 )
