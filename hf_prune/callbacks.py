@@ -53,6 +53,7 @@ class PruningCallback(TrainerCallback):
             )
         self.config = config
         self.pruner: Optional[Pruner] = None
+        self._loss_scale: Optional[float] = None  # the fp16 GradScaler's scale before the current step
         self.resume_from: Optional[str] = None  # set by PruningTrainer.train(resume_from_checkpoint=...)
         self.metrics_logged_by_trainer = managed_by_trainer
 
@@ -74,18 +75,21 @@ class PruningCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, optimizer=None, **kw
     ):
         pruner = self.build(model)
-        pruner.check_finite_gradients = bool(getattr(args, "fp16", False))  # only fp16 has a loss scaler that skips
+        # Only a loss scaler skips steps (fp16; accelerate puts it on the optimizer it wraps): check then, and only then,
+        # since the check costs a pass over the gradients.
+        pruner.check_finite_gradients = bool(getattr(args, "fp16", False)) or getattr(optimizer, "scaler", None) is not None
         pruner.start(state.max_steps)
         pruner.attach_optimizer(optimizer)
         if state.global_step > 0:
             self._restore(args, state, pruner)
         self._log_before_reporters()
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._loss_scale = _loss_scale(optimizer)
         self.pruner.before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if getattr(optimizer, "step_was_skipped", False):  # accelerate's optimizer under an fp16 GradScaler
+        if _step_was_skipped(optimizer, self._loss_scale):
             self.pruner.skip_step()
         self.pruner.after_optimizer_step()
 
@@ -213,3 +217,22 @@ def _resume_path_given_to_trainer() -> Optional[str]:
             return path if isinstance(path, str) else None
         frame = frame.f_back
     return None
+
+
+def _loss_scale(optimizer) -> Optional[float]:
+    """The GradScaler's scale before this step, where accelerate's optimizer carries one (fp16), else None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler.get_scale() if scaler is not None else None
+
+
+def _step_was_skipped(optimizer, scale_before: Optional[float]) -> bool:
+    """Whether the loss scaler skipped this optimizer step (inf/NaN gradients).
+
+    accelerate's `step_was_skipped` sees a skip only when the scaler does not call `optimizer.step()`; a fused
+    optimizer (Transformers' default `adamw_torch_fused`) is always called and skips inside, so accelerate reports
+    False. The scaler's own sign of an overflow is exact for both: it lowers the scale only after one.
+    """
+    if getattr(optimizer, "step_was_skipped", False):
+        return True
+    return scale_before is not None and _loss_scale(optimizer) < scale_before
+

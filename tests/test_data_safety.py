@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.utils import prune as torch_prune
+import transformers
 from transformers import AutoModelForSequenceClassification, Trainer
 
 import hf_prune
@@ -338,3 +339,43 @@ def test_skipped_steps_survive_a_resume():
     _, resumed = movement_pruner()
     resumed.load_state_dict(pruner.state_dict())
     assert resumed.skipped_steps == 1
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_a_step_the_real_grad_scaler_skips_is_not_a_pruning_step(tmp_path, optim):
+    """The real chain under fp16: Trainer, accelerate's optimizer wrapper and torch's GradScaler. accelerate refuses
+    fp16 without an accelerator, so the scaler (torch's CPU GradScaler) is given to Trainer's accelerator directly;
+    the overflow is made real by a loss that is inf at step 3, which the scaler must skip. A fused AdamW (the default
+    optimizer) skips inside its own step, where accelerate's `step_was_skipped` does not see it."""
+    torch.manual_seed(0)
+    calls = {"n": 0}
+
+    def loss_overflowing_at_step_3(outputs, labels, num_items_in_batch=None):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(outputs.logits, labels)
+        return loss * float("inf") if calls["n"] == 3 else loss
+
+    config = PruningConfig(method="movement", target_sparsity=0.5, warmup_fraction=0.0, cooldown_fraction=0.0,
+                           pruning_interval=1)
+    callback = hf_prune.MovementPruningCallback(config)
+    trainer = Trainer(model=tiny_bert(dropout=0.0), args=training_args(tmp_path, max_steps=8, max_grad_norm=0.0, optim=optim),
+                      train_dataset=random_classification_data(), callbacks=[callback],
+                      compute_loss_func=loss_overflowing_at_step_3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer.accelerator.scaler = scaler
+    sparsity_at = {}
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sparsity_at[state.global_step] = callback.pruner.scheduled_sparsity
+
+    trainer.add_callback(Record())
+    trainer.train()
+    pruner = callback.pruner
+    assert pruner.check_finite_gradients  # turned on by the scaler on the optimizer, not by args.fp16 alone
+    assert trainer.optimizer.scaler is scaler and scaler.get_scale() == 2.0**7  # halved once: one real skip
+    assert pruner.skipped_steps == 1
+    assert sparsity_at[3] == sparsity_at[2]  # the skipped step did not advance the schedule
+    assert sparsity_at[4] > sparsity_at[3]
+    assert all(torch.isfinite(s).all() for s in pruner.scores.values())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
