@@ -88,6 +88,26 @@ def test_fsdp2_ranks_agree_and_match_one_process(tmp_path, method):
                                    msg=name)
 
 
+@pytest.mark.slow
+def test_an_fsdp2_movement_run_resumed_from_its_saved_state_ends_as_an_uninterrupted_one(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FSDP_WORKER)]
+    run(launch + [str(whole), "movement"], tmp_path)
+    run(launch + [str(resumed), "movement", "resume"], tmp_path)
+    # The state written at mid-run holds the whole scores (gathered from both shards), not rank 0's half.
+    saved = torch.load(resumed / "checkpoint.pt", weights_only=True)["state"]
+    first = next(iter(saved["method"]["scores"].values()))
+    assert type(first) is torch.Tensor and first.shape == (32, 32)
+    for rank in (0, 1):
+        a = torch.load(whole / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
+        for name, mask in a["masks"].items():
+            assert torch.equal(mask, b["masks"][name]), name
+            torch.testing.assert_close(b["scores"][name], a["scores"][name], rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(b["weights"][name], a["weights"][name], rtol=1e-5, atol=1e-7, msg=name)
+        assert b["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------ what is refused
 def test_soft_movement_and_unit_pruning_are_refused_on_fsdp2_parameters(tmp_path):
     import torch.distributed as dist

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..sharding import full, shard_like
 from .base import PruningMethod, register_method, same_dtype
 
 
@@ -35,13 +36,15 @@ class MovementMethod(PruningMethod):
         return self.score_tensors[name]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scores": {n: s.detach().clone() for n, s in self.score_tensors.items()}}
+        # Whole tensors, also under FSDP2 (gathered: every rank calls this), so that a state resumes at any world size.
+        return {"scores": {n: full(s.detach()).clone() for n, s in self.score_tensors.items()}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, saved in state.get("scores", {}).items():
             if name in self.score_tensors:
-                self.score_tensors[name].copy_(saved)
+                score = self.score_tensors[name]
+                score.copy_(shard_like(saved.to(score.dtype), score))
 
 
 register_method("movement", MovementMethod)
