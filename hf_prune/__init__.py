@@ -1,16 +1,25 @@
 """hf_prune: pruning during fine-tuning for Hugging Face Transformers."""
 
 from .allocation import allocate_sparsity, allocate_units, plan_sparsities
-from .callbacks import HeadPruningCallback, MagnitudePruningCallback, MovementPruningCallback, PruningCallback
+from .callbacks import (
+    ConstantPruningCallback,
+    HeadPruningCallback,
+    MagnitudePruningCallback,
+    MovementPruningCallback,
+    PruningCallback,
+)
 from .config import PruningConfig
 from .export import ExportError, ExportResult, ExportVerificationError, export_onnx
 from .finalize import make_permanent, save_pruning_artifacts
 from .masks import sparsity_report
 from .methods import PruningMethod, available_methods, register_method
+from .oneshot import OneShotResult, oneshot
 from .owl import owl_sparsity
+from .perplexity import PerplexityResult, evaluate_perplexity
 from .pruner import Pruner
 from .runtime import create_session
 from .schedules import SparsitySchedule
+from .semi_structured import is_two_four, to_semi_structured
 from .sensitivity import SensitivityResult, analyze_sensitivity
 from .structure import (
     load_pruned,
@@ -42,6 +51,13 @@ from .units import (
 from .version import __version__
 
 __all__ = [
+    "ConstantPruningCallback",
+    "OneShotResult",
+    "PerplexityResult",
+    "evaluate_perplexity",
+    "is_two_four",
+    "oneshot",
+    "to_semi_structured",
     "ExportError",
     "ExportResult",
     "ExportVerificationError",

@@ -183,6 +183,16 @@ class MovementPruningCallback(PruningCallback):
         super().__init__(config if config is not None else PruningConfig(method="movement"))
 
 
+class ConstantPruningCallback(PruningCallback):
+    """Keep the zeros the model has (from `hf_prune.oneshot`, or an earlier run) while fine-tuning: nothing new is
+    pruned and nothing pruned comes back. `PruningConfig(method="constant")`."""
+
+    methods = ("constant",)
+
+    def __init__(self, config: Optional[PruningConfig] = None) -> None:
+        super().__init__(config if config is not None else PruningConfig(method="constant"))
+
+
 class HeadPruningCallback(PruningCallback):
     """Attention-head (and optionally FFN-neuron) pruning during fine-tuning, removed physically at the end.
 

@@ -82,7 +82,9 @@ def _method_help() -> str:
     return (
         f"Importance criterion, one of the registered methods {list(available_methods())}: 'magnitude' (|W|), "
         "'movement' (accumulated -W*dL/dW, Sanh et al. 2020), 'soft_movement' (learned scores with a regulariser; "
-        "PruningTrainer only), or any name added with hf_prune.register_method."
+        "PruningTrainer only), 'wanda' (|W| times input norms, Sun et al. 2023), 'sparsegpt' (one-shot only: "
+        "hf_prune.oneshot), 'constant' (keep the zeros the model has; recovery after one-shot pruning), or any name "
+        "added with hf_prune.register_method."
     )
 
 

@@ -31,7 +31,7 @@ from .config import PruningConfig
 from .files import atomic_torch_save
 from .linear import is_prunable_module, matrix_view, stored_layout
 from .masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
-from .methods import PruningMethod, get_method
+from .methods import PruningMethod, available_methods, get_method
 from .methods.base import same_dtype
 from .optim import keep_optimizer_state
 from .schedules import SparsitySchedule
@@ -79,6 +79,14 @@ class Pruner:
         config.validate()
         self.config = config
         self.model = model
+        method_cls = get_method(config.method)
+        if method_cls.one_shot_only:
+            raise ValueError(
+                f"PruningConfig.method={config.method!r} prunes once from calibration data and updates the kept weights; "
+                "it has no gradual form for training. Use hf_prune.oneshot(model, calibration_dataloader, "
+                f"config=PruningConfig(method={config.method!r}, ...)), then fine-tune with method='constant' to keep "
+                f"its zeros; gradual methods are {[m for m in available_methods() if not get_method(m).one_shot_only]}."
+            )
         check_unsharded(model)
         fold_torch_prune(model)  # blog-recipe wrappers: rank and save plain weights, not a weight rebuilt per forward
         self.modules = _one_module_per_weight(find_target_modules(model, config.targets, config.exclude))
@@ -121,8 +129,13 @@ class Pruner:
                     self.override_of[name] = float(sparsity)
                     break
 
-        self.method: PruningMethod = get_method(config.method)(config)
+        self.method: PruningMethod = method_cls(config)
         self.method.attach(self.modules)
+        # Criteria that read input activations (Wanda) see each training forward pass of the targeted layers.
+        self._input_hooks = [
+            module.register_forward_pre_hook(_observer(self.method, name))
+            for name, module in self.modules.items()
+        ] if method_cls.needs_inputs else []
         self.masks: dict[str, Optional[torch.Tensor]] = {name: None for name in self.modules}
         self._keep: dict[str, torch.Tensor] = {}  # 1 where kept, 0 where pruned, in the weight's dtype
         self.units: Optional[GradualUnitPruner] = None
@@ -138,6 +151,10 @@ class Pruner:
         self.skipped_steps = 0
         self._skip_next_update = False
         self.scheduled_sparsity = 0.0
+        if method_cls.fixed_masks:
+            # The zeros the model has now (one-shot pruning, an earlier run) are the masks, for the whole run.
+            self.set_masks({name: full(module.weight.detach()) == 0 for name, module in self.modules.items()})
+            self.scheduled_sparsity = self.measured_sparsity()
 
     @property
     def scores(self) -> dict[str, torch.Tensor]:
@@ -148,6 +165,10 @@ class Pruner:
     def start(self, total_steps: int) -> None:
         """Fix the schedule once the number of optimizer steps is known."""
         self.schedule = SparsitySchedule.from_config(self.config, total_steps)
+        if self.method.fixed_masks:
+            logger.info("hf_prune: keeping the %.1f%% zeros of %d modules (%d weights) fixed while training",
+                        100 * self.scheduled_sparsity, len(self.modules), self.num_targeted)
+            return
         logger.info(
             "hf_prune: %s pruning of %d modules (%d weights) to %.1f%% sparsity, %s schedule over steps %d-%d",
             self.config.method,
@@ -225,7 +246,7 @@ class Pruner:
             self._skip_next_update = False
             return False
         step -= self.skipped_steps
-        if not self.schedule.is_update_step(step):
+        if self.method.fixed_masks or not self.schedule.is_update_step(step):
             return False
         if self.config.target_sparsity > 0 or self.config.sparsity_overrides:
             self.prune_to(self.schedule.sparsity_at(step))
@@ -244,6 +265,9 @@ class Pruner:
         Returns what was removed ({"heads": ..., "neurons": ...}) or None.
         """
         self.apply_masks()
+        for hook in self._input_hooks:
+            hook.remove()
+        self._input_hooks = []
         if self.units is None or not self.config.remove_structures or self.finished:
             return None
         removed = self.units.remove()
@@ -486,3 +510,14 @@ def _one_module_per_weight(modules: dict[str, nn.Module]) -> dict[str, nn.Module
 def weights_sharded_since(pruner: "Pruner") -> bool:
     """Whether `pruner`'s weights became DTensors after it was built (its masks and scores are then of the wrong kind)."""
     return not pruner.sharded and any(is_sharded(m.weight) for m in pruner.modules.values())
+
+
+def _observer(method: PruningMethod, name: str):
+    """A forward pre-hook that shows `name`'s input to the criterion during training (not in evaluation)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if module.training and args:
+            method.observe(name, args[0])
+
+    return hook
+

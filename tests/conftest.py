@@ -60,6 +60,30 @@ def tiny_gpt2(seed: int = 0):
     )
 
 
+CAUSAL_ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt"]
+
+
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, vocab_size: int = 128, layers: int = 2):
+    """A random decoder-only LM of the given family: hidden 64, 4 heads (2 key/value heads where grouped), FFN 128."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=64)
+    if arch == "llama":
+        config = transformers.LlamaConfig(num_key_value_heads=2, intermediate_size=128, **common)
+    elif arch == "mistral":
+        config = transformers.MistralConfig(num_key_value_heads=2, intermediate_size=128, **common)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(num_key_value_heads=2, intermediate_size=128, **common)
+    elif arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0)
+    elif arch == "opt":
+        config = transformers.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
+    else:
+        raise ValueError(arch)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
 # ------------------------------------------------------------------------------------------------ one model per arch
 ARCHS = ["bert", "roberta", "distilbert", "gpt2", "llama"]
 HIDDEN = {"bert": 32, "roberta": 32, "distilbert": 32, "gpt2": 32, "llama": 48}

@@ -7,10 +7,13 @@
         def scores(self, name, module):
             return module.weight.detach().abs().float()
 
-Built in: `magnitude`, `movement`, `soft_movement`.
+Built in: `magnitude`, `movement`, `soft_movement`, `wanda`, `constant` (keep existing zeros), and the
+one-shot-only `sparsegpt`.
 """
 
 from .base import PruningMethod, available_methods, get_method, register_method, unregister_method
-from . import magnitude, movement, soft_movement  # noqa: F401  (registers the built-in methods)
+# Registration order is the order `available_methods()` lists them in.
+from . import magnitude, movement, soft_movement  # noqa: F401, I001
+from . import wanda, sparsegpt, constant  # noqa: F401, I001
 
 __all__ = ["PruningMethod", "available_methods", "get_method", "register_method", "unregister_method"]

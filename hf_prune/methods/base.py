@@ -32,15 +32,32 @@ class PruningMethod:
     5. At each scheduled pruning step: `scores(name, module)` for every targeted layer -- a float tensor of the
        weight's stored shape, higher means keep. Pruned weights are ranked last by `Pruner` whatever they score.
 
+    One-shot pruning (`hf_prune.oneshot`, no training) drives the same class block by block: `attach` with one
+    block's layers, `observe(name, inputs)` for every calibration batch those layers see (when `needs_inputs`), then
+    `prune_module(name, module, sparsity)` once per layer, then `detach(name)` to free what was collected.
+
     Class attributes:
         requires_trainer: the criterion adds a loss term or learnable parameters, which only `PruningTrainer` can
             wire in (a plain `Trainer` with `PruningCallback` then refuses it with a message that says so).
         needs_gradients: whether `on_gradients` must run every step.
+        needs_inputs: whether `observe` must see each targeted layer's input activations (Wanda's norms,
+            SparseGPT's Hessian). `Pruner` then hooks the layers' forward passes in training mode.
+        one_shot_only: the criterion prunes once from calibration data and updates the kept weights (SparseGPT);
+            `Pruner` refuses it and points to `hf_prune.oneshot`.
+        fixed_masks: the criterion keeps the zeros the model already has and prunes nothing new (recovery
+            fine-tuning after one-shot pruning); `Pruner` takes its masks from the weights and never recomputes them.
+        comparison_group: for one-shot selection from `scores`: "layer" or "row" (each output row on its own).
     """
 
     name: ClassVar[str] = ""
     requires_trainer: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False
+    one_shot_only: ClassVar[bool] = False
+    fixed_masks: ClassVar[bool] = False
+    # One-shot only: where scores are compared. "layer": all weights of a layer (magnitude); "row": the weights of
+    # each output row (Wanda: per-output comparison is what keeps its accuracy at 50% on LLMs).
+    comparison_group: ClassVar[str] = "layer"
 
     def __init__(self, config: "PruningConfig") -> None:
         self.config = config
@@ -77,6 +94,21 @@ class PruningMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
+
+    # ------------------------------------------------------------------------------------------- one-shot
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        """Accumulate statistics of one batch of `name`'s input activations, (..., in_features) (when
+        `needs_inputs`)."""
+
+    def prune_module(self, name: str, module: nn.Module, sparsity: float) -> torch.Tensor:
+        """One-shot criteria that update the kept weights (`one_shot_only`, e.g. SparseGPT) prune `module` here to
+        `sparsity` in the config's pattern, in place, and return the mask (True = pruned, the weight's stored
+        layout). Other criteria leave selection to the one-shot engine, which ranks their `scores` within each
+        `comparison_group`."""
+        raise NotImplementedError(f"{type(self).__name__} leaves selection to the engine (it is not one_shot_only).")
+
+    def detach(self, name: str) -> None:
+        """Free what was collected for `name` (one-shot: its block is done)."""
 
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
