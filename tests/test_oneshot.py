@@ -238,3 +238,56 @@ def test_empty_calibration_data_and_wrong_batches_are_refused():
 def test_sparsegpt_is_one_shot_only_and_the_pruner_says_where_to_go():
     with pytest.raises(ValueError, match=r"method='sparsegpt' prunes once .*hf_prune.oneshot"):
         Pruner(tiny_causal_lm("llama"), PruningConfig(method="sparsegpt", target_sparsity=0.5))
+
+
+# ------------------------------------------------------------------------------------------------ hf-prune oneshot
+def saved_causal_lm(root):
+    from conftest import WORDS, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(root / "lm")
+    tiny_causal_lm("llama").save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")  # its class in tokenizer_config.json, not the Llama one from config.json
+    words = list(WORDS)
+    text = lambda seed: " ".join(words[(i * 7 + seed) % len(words)] for i in range(400))  # noqa: E731
+    (root / "calibration.txt").write_text(text(1))
+    (root / "evaluation.txt").write_text(text(3))
+    return tokenizer
+
+
+def test_the_oneshot_command_prunes_measures_and_saves_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.cli import main
+
+    saved_causal_lm(tmp_path)
+    out = tmp_path / "out"
+    args = ["oneshot", "--model_name_or_path", str(tmp_path / "lm"), "--calibration_file",
+            str(tmp_path / "calibration.txt"), "--evaluation_file", str(tmp_path / "evaluation.txt"), "--method",
+            "sparsegpt", "--pattern", "2:4", "--calibration_samples", "4", "--calibration_length", "16",
+            "--window", "32", "--eval_tokens", "200", "--output_dir", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["sparsity"] == 0.5 and report["pattern"] == "2:4" and report["dense"]["tokens"] > 100
+    assert report["pruned"]["perplexity"] != report["dense"]["perplexity"]
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    assert all(is_two_four(m.weight) for m in targeted(model).values())
+    assert (out / "model" / "pruning_config.json").is_file() and (out / "model" / "tokenizer_config.json").is_file()
+    assert "| pruned |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "0.5", "--pattern", "2:4"], r"--sparsity 0.5 and --pattern 2:4: give one"),
+    (["--calibration_samples", "0"], r"--calibration_samples 0 is invalid"),
+    (["--method", "movement"], r"invalid choice: 'movement'"),
+])
+def test_bad_oneshot_command_options_are_refused_with_the_option_named(tmp_path, extra, message):
+    from hf_prune.cli import main
+
+    saved_causal_lm(tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        main(["oneshot", "--model_name_or_path", str(tmp_path / "lm"), "--calibration_file",
+              str(tmp_path / "calibration.txt"), "--evaluation_file", str(tmp_path / "evaluation.txt"), *extra])
+    with pytest.raises(SystemExit, match=r"--calibration_file and --evaluation_file go together"):
+        main(["oneshot", "--model_name_or_path", str(tmp_path / "lm"), "--calibration_file",
+              str(tmp_path / "calibration.txt")])
+    assert not (tmp_path / "outputs").exists()

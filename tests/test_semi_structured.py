@@ -47,22 +47,30 @@ def test_on_a_capable_gpu_2_4_layers_become_sparse_tensors_with_the_same_outputs
     from torch.sparse import SparseSemiStructuredTensor
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential()
-    model.add_module("layers", torch.nn.ModuleList([torch.nn.Linear(256, 128) for _ in range(2)]))
+    model = stack(2)
     weight = torch.randn(128, 256)
     groups = weight.reshape(128, -1, 4)
     keep = groups.abs().topk(2, -1).indices
     two_four = torch.zeros_like(groups).scatter_(-1, keep, groups.gather(-1, keep)).reshape(128, 256)
-    for layer in model.layers:
-        layer.weight.data.copy_(two_four)
+    for block in model.layers:
+        block.proj.weight.data.copy_(two_four)
     model = model.half().cuda()
     x = torch.randn(64, 256, dtype=torch.half, device="cuda")
-    dense = model.layers[0](x)
+    dense = model.layers[0].proj(x)
     with pytest.raises(ValueError, match="not 2:4 sparse"):
-        broken = torch.nn.Sequential()
-        broken.add_module("layers", torch.nn.ModuleList([torch.nn.Linear(256, 128).half().cuda()]))
-        to_semi_structured(broken)
+        to_semi_structured(stack(1).half().cuda())
     report = to_semi_structured(model)
-    assert report["converted"] == ["layers.0", "layers.1"] and not report["skipped"]
-    assert isinstance(model.layers[0].weight, SparseSemiStructuredTensor)
-    torch.testing.assert_close(model.layers[0](x), dense, rtol=1e-2, atol=1e-2)
+    assert report["converted"] == ["layers.0.proj", "layers.1.proj"] and not report["skipped"]
+    assert isinstance(model.layers[0].proj.weight, SparseSemiStructuredTensor)
+    torch.testing.assert_close(model.layers[0].proj(x), dense, rtol=1e-2, atol=1e-2)
+
+
+def stack(depth: int) -> torch.nn.Module:
+    """Blocks named like a transformer's (layers.N.proj), which the default targets match."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList()
+    for _ in range(depth):
+        block = torch.nn.Module()
+        block.proj = torch.nn.Linear(256, 128)
+        model.layers.append(block)
+    return model

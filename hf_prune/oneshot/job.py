@@ -1,0 +1,222 @@
+"""`hf-prune oneshot`: one command from a causal LM and a text to a pruned model with its perplexity measured.
+
+The model is loaded, its perplexity measured on the evaluation text, pruned once (`oneshot`) from calibration windows
+of the calibration text, measured again, and saved to OUTPUT_DIR/model (staged, then swapped in: a failed run never
+replaces a good earlier result) with its tokenizer, `pruning_config.json` and `sparsity_report.json`; the numbers
+go to OUTPUT_DIR/report.json and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+import torch
+from transformers.utils import logging
+
+from ..config import PruningConfig
+from ..files import staged_directory
+from ..finalize import save_pruning_artifacts
+from ..perplexity import evaluate_perplexity
+from .engine import oneshot
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class OneShotArguments:
+    """Options of `hf-prune oneshot`."""
+
+    _argument_group_name = "oneshot"  # HfArgumentParser groups these options under this title in --help
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Causal LM folder or Hub id (hf-prune oneshot's default: the packaged "
+                                        "SmolLM2-135M, when installed)."})
+    output_dir: str = field(default="outputs/oneshot",
+                            metadata={"help": "OUTPUT_DIR/model, report.json and report.md are written here."})
+    method: Literal["wanda", "sparsegpt", "magnitude"] = field(
+        default="wanda", metadata={"help": "wanda (|W| x input norm), sparsegpt (OBS weight update) or magnitude."})
+    sparsity: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of each targeted layer's weights removed (default 0.5 unless "
+                                        "--pattern is given)."})
+    pattern: Optional[str] = field(
+        default=None, metadata={"help": "N:M pattern instead of --sparsity, e.g. 2:4 (keep 2 of every 4 inputs)."})
+    targets: Optional[list[str]] = field(
+        default=None, metadata={"help": "Module-name regexes to prune (default: every Linear inside the blocks)."})
+    exclude: Optional[list[str]] = field(default=None, metadata={"help": "Module-name regexes never pruned."})
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub dataset id of the text (datasets.load_dataset), e.g. wikitext with "
+                                        "--dataset_config_name wikitext-2-raw-v1."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration."})
+    calibration_split: str = field(default="train", metadata={"help": "Split of --dataset_name to calibrate on."})
+    evaluation_split: str = field(default="test", metadata={"help": "Split of --dataset_name to measure on."})
+    calibration_file: Optional[str] = field(
+        default=None, metadata={"help": "Local calibration text: .txt, or .json/.jsonl/.csv with --text_column."})
+    evaluation_file: Optional[str] = field(
+        default=None, metadata={"help": "Local evaluation text (held out from calibration), same formats."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in datasets and files."})
+    calibration_samples: int = field(default=32, metadata={"help": "Calibration windows (random offsets, seeded)."})
+    calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration window."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward pass."})
+    eval_tokens: Optional[int] = field(
+        default=32768, metadata={"help": "Evaluate on the first this many tokens of the evaluation text (0: all)."})
+    window: Optional[int] = field(
+        default=None, metadata={"help": "Perplexity window in tokens (default: the model's maximum, at most 1024)."})
+    stride: Optional[int] = field(default=None, metadata={"help": "Perplexity stride (default: the window)."})
+    device: Optional[str] = field(
+        default=None, metadata={"help": "Where blocks are computed (default: cuda if available, else cpu)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration window offsets."})
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and self.pattern is not None:
+            raise ValueError(f"--sparsity {self.sparsity} and --pattern {self.pattern}: give one (an N:M pattern fixes "
+                             "the sparsity at 1 - N/M).")
+        if self.dataset_name and (self.calibration_file or self.evaluation_file):
+            raise ValueError("--dataset_name and --calibration_file/--evaluation_file: give a Hub dataset or local "
+                             "files, not both.")
+        if bool(self.calibration_file) != bool(self.evaluation_file):
+            raise ValueError("--calibration_file and --evaluation_file go together: perplexity must be measured on "
+                             "text the calibration did not see.")
+        for option in ("calibration_samples", "calibration_length", "calibration_batch_size"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{option} {value!r} is invalid: give a positive integer.")
+        if self.eval_tokens is not None and self.eval_tokens < 0:
+            raise ValueError(f"--eval_tokens {self.eval_tokens} is invalid: give 0 (all) or a positive count.")
+        for path in (self.calibration_file, self.evaluation_file):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"--calibration_file/--evaluation_file {path!r} does not exist.")
+
+    def pruning_config(self) -> PruningConfig:
+        """The run as a PruningConfig (saved with the model as pruning_config.json)."""
+        kwargs: dict = {"method": self.method}
+        if self.pattern is not None:
+            probe = PruningConfig(granularity="n:m", n_m=self.pattern, target_sparsity=0.5)
+            n, m = probe.n_m_values
+            kwargs.update(granularity="n:m", n_m=self.pattern, target_sparsity=1 - n / m)
+        else:
+            kwargs["target_sparsity"] = 0.5 if self.sparsity is None else self.sparsity
+        if self.targets:
+            kwargs["targets"] = list(self.targets)
+        if self.exclude:
+            kwargs["exclude"] = list(self.exclude)
+        return PruningConfig(**kwargs)
+
+
+def read_texts(path: str, text_column: str) -> list[str]:
+    """The texts of a local file: a .txt file is one text; .json/.jsonl/.csv are read with `datasets`."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return [handle.read()]
+    import datasets
+
+    kind = {"json": "json", "jsonl": "json", "csv": "csv"}.get(path.rsplit(".", 1)[-1].lower())
+    if kind is None:
+        raise ValueError(f"{path!r}: give a .txt, .json, .jsonl or .csv file.")
+    table = datasets.load_dataset(kind, data_files=path, split="train")
+    if text_column not in table.column_names:
+        raise ValueError(f"--text_column {text_column!r} is not a column of {path!r}; it has {table.column_names}.")
+    return [t for t in table[text_column] if t]
+
+
+def load_texts(args: OneShotArguments) -> Optional[tuple[list[str], list[str], str]]:
+    """(calibration texts, evaluation texts, where they came from), or None when no source was given."""
+    if args.calibration_file:
+        return (read_texts(args.calibration_file, args.text_column), read_texts(args.evaluation_file, args.text_column),
+                f"{args.calibration_file} / {args.evaluation_file}")
+    if args.dataset_name:
+        import datasets
+
+        def split(name: str) -> list[str]:
+            table = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=name)
+            if args.text_column not in table.column_names:
+                raise ValueError(f"--text_column {args.text_column!r} is not a column of {args.dataset_name}; it has "
+                                 f"{table.column_names}.")
+            return [t for t in table[args.text_column] if t]
+
+        return (split(args.calibration_split), split(args.evaluation_split),
+                f"{args.dataset_name} ({args.calibration_split} / {args.evaluation_split})")
+    return None
+
+
+def calibration_windows(ids: list[int], samples: int, length: int, batch_size: int, seed: int) -> list[dict]:
+    """`samples` windows of `length` tokens at seeded random offsets of `ids`, in batches."""
+    if len(ids) <= length:
+        raise ValueError(f"The calibration text has {len(ids)} tokens; --calibration_length {length} needs more.")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - length) for _ in range(samples)]
+    windows = torch.tensor([ids[s:s + length] for s in starts])
+    return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
+            for i in range(0, samples, batch_size)]
+
+
+def run_oneshot(args: OneShotArguments, texts: Optional[tuple[list[str], list[str], str]] = None) -> dict:
+    """Measure, prune, measure, save; returns the report (also written to OUTPUT_DIR/report.json and .md).
+
+    `texts` (calibration texts, evaluation texts, description) stands in when `args` names no data (the command line
+    passes its packaged default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = args.pruning_config()
+    loaded = load_texts(args) or texts
+    if loaded is None:
+        raise ValueError("No text: give --dataset_name, or --calibration_file with --evaluation_file.")
+    if not args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required: a causal LM folder or Hub id.")
+    path = args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    calibration, evaluation, source = loaded
+    eval_ids = torch.tensor(tokenizer("\n\n".join(evaluation))["input_ids"])
+    if args.eval_tokens:
+        eval_ids = eval_ids[:args.eval_tokens]
+    batches = calibration_windows(tokenizer("\n\n".join(calibration))["input_ids"], args.calibration_samples,
+                                  args.calibration_length, args.calibration_batch_size, args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def perplexity():
+        return evaluate_perplexity(model, input_ids=eval_ids, window=args.window, stride=args.stride,
+                                   device=device, show_progress=True)
+
+    logger.info("hf_prune: dense perplexity on %d tokens", eval_ids.numel())
+    model.to(device)
+    dense = perplexity()
+    model.cpu()
+    result = oneshot(model, batches, config=config, device=device)
+    model.to(device)
+    pruned = perplexity()
+    model.cpu()
+    report = {
+        "model": path, "text": source, "method": config.method, "pattern": result.pattern,
+        "sparsity": result.sparsity, "seconds": result.seconds, "blocks": result.blocks, "modules": result.modules,
+        "peak_device_memory_bytes": result.peak_device_memory_bytes,
+        "dense": dense.to_dict(), "pruned": pruned.to_dict(), "arguments": asdict(args),
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    target = os.path.join(args.output_dir, "model")
+    with staged_directory(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_pruning_artifacts(staging, model, config)
+    with open(os.path.join(args.output_dir, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as handle:
+        handle.write(format_report(report) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    dense, pruned = report["dense"], report["pruned"]
+    return "\n".join([
+        f"# One-shot {report['method']} ({report['pattern']}) of {report['model']}", "",
+        f"- text: {report['text']}; perplexity over {dense['tokens']} tokens, window {dense['window']}, stride "
+        f"{dense['stride']}",
+        f"- pruned {report['modules']} layers in {report['blocks']} blocks to {report['sparsity']:.2%} sparsity in "
+        f"{report['seconds']:.1f} s", "",
+        "| model | perplexity |", "|---|---|",
+        f"| dense | {dense['perplexity']:.3f} |",
+        f"| pruned | {pruned['perplexity']:.3f} ({pruned['perplexity'] / dense['perplexity']:.2f}x) |",
+    ])
