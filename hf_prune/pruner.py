@@ -32,7 +32,7 @@ from .files import atomic_torch_save
 from .linear import is_prunable_module, matrix_view, stored_layout
 from .masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
 from .methods import PruningMethod, available_methods, get_method
-from .methods.base import same_dtype
+from .methods.base import input_observer, same_dtype
 from .optim import keep_optimizer_state
 from .schedules import SparsitySchedule
 from .sharding import check_unsharded, full, is_sharded, shard_like
@@ -133,7 +133,7 @@ class Pruner:
         self.method.attach(self.modules)
         # Criteria that read input activations (Wanda) see each training forward pass of the targeted layers.
         self._input_hooks = [
-            module.register_forward_pre_hook(_observer(self.method, name))
+            module.register_forward_pre_hook(input_observer(self.method, name, training_only=True))
             for name, module in self.modules.items()
         ] if method_cls.needs_inputs else []
         self.masks: dict[str, Optional[torch.Tensor]] = {name: None for name in self.modules}
@@ -510,14 +510,3 @@ def _one_module_per_weight(modules: dict[str, nn.Module]) -> dict[str, nn.Module
 def weights_sharded_since(pruner: "Pruner") -> bool:
     """Whether `pruner`'s weights became DTensors after it was built (its masks and scores are then of the wrong kind)."""
     return not pruner.sharded and any(is_sharded(m.weight) for m in pruner.modules.values())
-
-
-def _observer(method: PruningMethod, name: str):
-    """A forward pre-hook that shows `name`'s input to the criterion during training (not in evaluation)."""
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        if module.training and args:
-            method.observe(name, args[0])
-
-    return hook
-

@@ -111,6 +111,17 @@ class PruningMethod:
         """Free what was collected for `name` (one-shot: its block is done)."""
 
 
+def input_observer(method: PruningMethod, name: str, training_only: bool = False):
+    """A forward pre-hook that shows layer `name`'s input activations to `method.observe` (with `training_only`, only
+    in training mode: evaluation batches are not training statistics)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if args and (module.training or not training_only):
+            method.observe(name, args[0])
+
+    return hook
+
+
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 
 

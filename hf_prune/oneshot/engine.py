@@ -23,6 +23,7 @@ from ..config import PruningConfig
 from ..linear import matrix_view, stored_layout
 from ..masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
 from ..methods import PruningMethod, get_method
+from ..methods.base import input_observer
 from .blocks import decoder_blocks, first_block_inputs, hidden_states_of, move, with_hidden_states
 
 logger = logging.get_logger(__name__)
@@ -200,7 +201,7 @@ def _prune_block(block: nn.Module, modules: dict[str, nn.Module], inputs: list, 
     method = method_cls(config)
     method.attach(modules)
     if method_cls.needs_inputs:
-        hooks = [module.register_forward_pre_hook(_observer(method, name)) for name, module in modules.items()]
+        hooks = [module.register_forward_pre_hook(input_observer(method, name)) for name, module in modules.items()]
         try:
             _run_block(block, inputs, keep_outputs=False)
         finally:
@@ -213,14 +214,6 @@ def _prune_block(block: nn.Module, modules: dict[str, nn.Module], inputs: list, 
         else:
             _select_and_zero(method, name, module, sparsity, config)
         method.detach(name)
-
-
-def _observer(method: PruningMethod, name: str):
-    def hook(module, args):
-        if args:
-            method.observe(name, args[0])
-
-    return hook
 
 
 def _sparsity_of(name: str, config: PruningConfig) -> float:
