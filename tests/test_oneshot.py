@@ -287,3 +287,19 @@ def test_bad_oneshot_command_options_are_refused_with_the_option_named(tmp_path,
         main(["oneshot", "--model_name_or_path", str(tmp_path / "lm"), "--calibration_file",
               str(tmp_path / "calibration.txt")])
     assert not (tmp_path / "outputs").exists()
+
+
+def test_owl_layer_sparsities_feed_oneshot_and_keep_the_global_target():
+    from hf_prune import owl_sparsity
+
+    model = tiny_causal_lm("llama", layers=4)
+    data = calibration()
+    overrides = owl_sparsity(model, data, 0.7, progress=False)
+    result = oneshot(model, data, config=PruningConfig(method="wanda", target_sparsity=0.7,
+                                                       sparsity_overrides=overrides), show_progress=False)
+    assert result.sparsity == pytest.approx(0.7, abs=0.01)  # the mean is OWL's target (per-row rounding aside)
+    per_module = {n: r["sparsity"] for n, r in result.report["modules"].items()}
+    assert max(per_module.values()) - min(per_module.values()) > 0.05  # layers pruned unequally, by outlier ratio
+    for pattern, sparsity in overrides.items():
+        name = pattern.strip("^$").replace("\\", "")
+        assert per_module[name] == pytest.approx(sparsity, abs=1 / 64)  # each layer at its own level (rows of 64)
