@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_prune import PruningConfig, evaluate_perplexity, oneshot, owl_sparsity
+from hf_prune.oneshot import oneshot_config
 from hf_prune.recipes.packaged_lm import calibration_batches, news_articles, packaged_lm_path
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -106,7 +107,7 @@ def main() -> None:
         with PeakRSS() as memory:
             start = time.perf_counter()
             if pattern == "2:4":
-                config = PruningConfig(method=method, granularity="n:m", n_m="2:4", target_sparsity=0.5)
+                config = oneshot_config(method, pattern="2:4")
             else:
                 overrides = owl_sparsity(model, batches, args.sparsity, progress=False) if owl else {}
                 config = PruningConfig(method=method, target_sparsity=args.sparsity, sparsity_overrides=overrides)

@@ -327,6 +327,13 @@ class PruningConfig:
             _fail("n_m", self.n_m, "write it as 'N:M' with 0 < N < M, e.g. '2:4'")
         return int(match.group(1)), int(match.group(2))
 
+    def sparsity_override(self, module_name: str) -> Optional[float]:
+        """The `sparsity_overrides` value of the first pattern that matches `module_name` (re.search), or None."""
+        for pattern, sparsity in self.sparsity_overrides.items():
+            if re.search(pattern, module_name):
+                return float(sparsity)
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

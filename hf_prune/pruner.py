@@ -122,12 +122,9 @@ class Pruner:
             )
 
         # Modules with an override are ranked among themselves; all others share the global target.
-        self.override_of: dict[str, float] = {}
-        for name in self.modules:
-            for pattern, sparsity in config.sparsity_overrides.items():
-                if _search(pattern, name):
-                    self.override_of[name] = float(sparsity)
-                    break
+        self.override_of: dict[str, float] = {
+            name: sparsity for name in self.modules if (sparsity := config.sparsity_override(name)) is not None
+        }
 
         self.method: PruningMethod = method_cls(config)
         self.method.attach(self.modules)

@@ -9,7 +9,6 @@ device at a time, so a model that fits the device once (or only in CPU memory) c
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -24,7 +23,7 @@ from ..linear import matrix_view, stored_layout
 from ..masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
 from ..methods import PruningMethod, get_method
 from ..methods.base import input_observer
-from .blocks import decoder_blocks, first_block_inputs, hidden_states_of, move, with_hidden_states
+from .blocks import decoder_blocks, first_block_inputs, hidden_states_of, with_hidden_states
 
 logger = logging.get_logger(__name__)
 
@@ -157,6 +156,13 @@ def _resolve_config(method, sparsity, pattern, targets, exclude, config) -> Prun
             raise TypeError(f"hf_prune.oneshot: config must be a PruningConfig, got {type(config).__name__}.")
         config.validate()
         return config
+    return oneshot_config(method, sparsity, pattern, targets, exclude)
+
+
+def oneshot_config(method: Optional[str] = None, sparsity: Optional[float] = None, pattern: Optional[str] = None,
+                   targets: Optional[list[str]] = None, exclude: Optional[list[str]] = None) -> PruningConfig:
+    """The PruningConfig of `oneshot`'s keyword arguments: `method` (default "wanda"), `sparsity` (default 0.5) or
+    an N:M `pattern` (sparsity 1 - N/M), `targets` / `exclude` (default: PruningConfig's)."""
     if sparsity is not None and pattern is not None:
         raise ValueError(f"hf_prune.oneshot: give sparsity={sparsity!r} or pattern={pattern!r}, not both (an N:M "
                          "pattern fixes the sparsity at 1 - N/M).")
@@ -208,19 +214,13 @@ def _prune_block(block: nn.Module, modules: dict[str, nn.Module], inputs: list, 
             for hook in hooks:
                 hook.remove()
     for name, module in modules.items():
-        sparsity = _sparsity_of(name, config)
+        override = config.sparsity_override(name)
+        sparsity = config.target_sparsity if override is None else override
         if method_cls.one_shot_only:
             method.prune_module(name, module, sparsity)
         else:
             _select_and_zero(method, name, module, sparsity, config)
         method.detach(name)
-
-
-def _sparsity_of(name: str, config: PruningConfig) -> float:
-    for pattern, value in config.sparsity_overrides.items():
-        if re.search(pattern, name):
-            return float(value)
-    return config.target_sparsity
 
 
 @torch.no_grad()

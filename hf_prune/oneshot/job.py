@@ -21,7 +21,7 @@ from ..config import PruningConfig
 from ..files import staged_directory
 from ..finalize import save_pruning_artifacts
 from ..perplexity import evaluate_perplexity
-from .engine import oneshot
+from .engine import oneshot, oneshot_config
 
 logger = logging.get_logger(__name__)
 
@@ -92,18 +92,7 @@ class OneShotArguments:
 
     def pruning_config(self) -> PruningConfig:
         """The run as a PruningConfig (saved with the model as pruning_config.json)."""
-        kwargs: dict = {"method": self.method}
-        if self.pattern is not None:
-            probe = PruningConfig(granularity="n:m", n_m=self.pattern, target_sparsity=0.5)
-            n, m = probe.n_m_values
-            kwargs.update(granularity="n:m", n_m=self.pattern, target_sparsity=1 - n / m)
-        else:
-            kwargs["target_sparsity"] = 0.5 if self.sparsity is None else self.sparsity
-        if self.targets:
-            kwargs["targets"] = list(self.targets)
-        if self.exclude:
-            kwargs["exclude"] = list(self.exclude)
-        return PruningConfig(**kwargs)
+        return oneshot_config(self.method, self.sparsity, self.pattern, self.targets or None, self.exclude or None)
 
 
 def read_texts(path: str, text_column: str) -> list[str]:
