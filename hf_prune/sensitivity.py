@@ -45,7 +45,7 @@ from .masks import find_target_modules, select_lowest
 from .methods import available_methods, get_method
 from .metrics import classification_metrics
 from .structure import find_layers, head_group_size, head_slots, neuron_slots
-from .structure.layout import get_module
+from .structure.layout import find_module, get_module
 from .units import available_unit_criteria, compute_head_importance, compute_neuron_importance
 from .units import select_heads_to_prune, select_neurons_to_prune
 from .units.base import model_loss, move_batch
@@ -214,8 +214,8 @@ def sensitivity_groups(
         for kind in ("attention", "mlp"):
             if kind not in kinds or layer_module is None:
                 continue
-            own = ([layout.query, layout.key, layout.value, layout.fused_qkv, layout.output] if kind == "attention"
-                   else [*layout.mlp_inputs, layout.mlp_output])
+            block_layout = layers.layout(index)
+            own = block_layout.attention_paths() if kind == "attention" else block_layout.mlp_paths()
             wanted = {f"{path}.{p}" for p in own if p}
             part = [n for n in members if n in wanted]
             if part:
@@ -225,9 +225,10 @@ def sensitivity_groups(
                          and layers[index] is get_module(model, path)), None)
             if slot is None or slot.module is None:
                 continue
-            own = ([layout.query, layout.key, layout.value, layout.fused_qkv, layout.output] if kind == "heads"
-                   else [*layout.mlp_inputs, layout.mlp_output])
-            params = sum(get_module(layers[index], p).weight.numel() for p in own if p)
+            block_layout = layers.layout(index)
+            own = block_layout.attention_paths() if kind == "heads" else block_layout.mlp_paths()
+            params = sum(m.weight.numel() for p in own if (m := find_module(layers[index], p)) is not None
+                         and getattr(m, "weight", None) is not None)
             groups[f"{path}:{kind}"] = {"kind": kind, "layer": index, "modules": {}, "params": params,
                                         "units": slot.total, "group_size": group_size if kind == "heads" else 1}
         if "layer" in kinds and members:

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from ..masks import sparsity_report
-from ..structure.layout import LAYOUTS
+from ..structure.layout import registered_layouts
 from .canvas import clamp, draw_heatmap, new_figure, save_figure
 
 # The transformer block a module lives in, and its path inside the block (the naming `DEFAULT_TARGETS` matches).
@@ -30,13 +30,16 @@ def report_of(report_or_model: ReportOrModel) -> Mapping[str, Any]:
 
 
 def module_types() -> dict[str, str]:
-    """Path inside a transformer layer -> module type, for every architecture in `LAYOUTS`."""
+    """Path inside a transformer layer -> module type, for every registered layout."""
     table = {}
-    for layout in LAYOUTS:
-        pairs = [(layout.query, "query"), (layout.key, "key"), (layout.value, "value"), (layout.fused_qkv, "qkv"),
-                 (layout.output, "attention output"), (layout.mlp_output, "FFN out")]
-        pairs += [(path, "FFN in") for path in layout.mlp_inputs]
-        table.update({path: kind for path, kind in pairs if path})
+    for layout in registered_layouts():
+        for attention in layout.attentions:
+            pairs = [(attention.query, "query"), (attention.key, "key"), (attention.value, "value"),
+                     (attention.qkv, "qkv"), (attention.output, "attention output")]
+            table.update({path: kind for path, kind in pairs if path and path not in table})
+        if layout.mlp is not None:
+            pairs = [(path, "FFN in") for path in (*layout.mlp.inputs, layout.mlp.fused)] + [(layout.mlp.output, "FFN out")]
+            table.update({path: kind for path, kind in pairs if path and path not in table})
     return table
 
 

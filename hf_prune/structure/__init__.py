@@ -12,11 +12,13 @@ layer keys of `prune_heads` / `prune_ffn_neurons` are positions in the CURRENT l
 equal the original indices until layers are removed, `original_layer_indices` maps them, and the structure record
 saved in the config keys everything by original index.
 
-Architectures: BERT-style (BERT, RoBERTa, ...), DistilBERT, GPT-2 and Llama-style (Llama, Mistral, Qwen2, ...,
-grouped-query attention included), under Transformers 4.x and 5.x.
+Architectures: every family with a registered `Layout` (`layouts.py`: BERT-style, DeBERTa, ModernBERT, MPNet,
+DistilBERT, ViT, GPT-2, Llama-style, Gemma, Phi-3, GPT-NeoX, Falcon, BART-style encoder-decoders and OPT, wav2vec2,
+mixture-of-experts attention), under Transformers 4.x and 5.x; `register_layout` adds one.
 
 Modules, one job each:
-    layout    where heads and neurons live per architecture (the public layer view)
+    layout    how a family is described (Layout), the registry, and the layer view every module reads
+    layouts   the built-in family table
     slicing   slicing one Linear / Conv1D in place
     standins  what replaces an attention or MLP block that lost all its heads or neurons; exact-statistics norms
     removal   `prune_heads`, `prune_ffn_neurons`
@@ -33,9 +35,18 @@ from .io import STRUCTURE_NAME, load_pruned, save_pruned, save_structure
 from .depth import prune_layers
 from .layout import (
     NEURONS_ATTR,
+    AttentionLayout,
+    AttentionSite,
+    HiddenLayout,
+    LayerView,
     Layout,
+    MlpLayout,
     UnitSlot,
+    attention_sites,
     find_layers,
+    register_layout,
+    registered_layouts,
+    unregister_layout,
     head_group_size,
     head_slots,
     neuron_slots,
@@ -54,6 +65,15 @@ from .width import (
 )
 
 __all__ = [
+    "AttentionLayout",
+    "AttentionSite",
+    "HiddenLayout",
+    "LayerView",
+    "MlpLayout",
+    "attention_sites",
+    "register_layout",
+    "registered_layouts",
+    "unregister_layout",
     "BiasOnly",
     "CONFIG_ATTR",
     "EmptyAttention",

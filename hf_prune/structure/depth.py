@@ -65,7 +65,16 @@ def prune_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     present and `generate` works; `config.pruned_heads` is re-keyed to the new positions. A model with only layers
     removed reloads with plain `from_pretrained`; with anything else removed too, with `load_pruned`.
     """
-    layout, layer_list = find_layers(model)
+    layers = list(layers)
+    if not layers:
+        return model  # nothing to remove (load_pruned calls this for every model)
+    layout, view = find_layers(model)
+    if len(view.stacks) != 1:
+        raise ValueError(
+            f"hf_prune.prune_layers: {type(model).__name__} has {len(view.stacks)} stacks of layers (encoder and "
+            "decoder); removing whole layers is supported for single-stack models (encoders, decoders) only."
+        )
+    layer_list = view.stacks[0].layers
     pruned = pruned_layers_of(layer_list)
     original = len(layer_list) + len(pruned)
     requested = _check_layers(layers, original)

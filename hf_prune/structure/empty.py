@@ -9,7 +9,19 @@ import torch
 from torch import nn
 
 from ..linear import matrix_view
-from .layout import Layout, find_layers, get_module, group_size_of, head_dim_of, kept_heads_of, kept_neurons_of
+from .layout import (
+    AttentionLayout,
+    MlpLayout,
+    attention_sites,
+    find_layers,
+    get_module,
+    group_size_of,
+    head_dim_of,
+    kept_heads_of,
+    kept_neurons_of,
+    num_kv_heads_of,
+    qkv_rows,
+)
 from .removal import prune_ffn_neurons, prune_heads
 from .slicing import in_width_of
 
@@ -17,31 +29,34 @@ def _all_zero(tensor: Optional[torch.Tensor]) -> bool:
     return tensor is None or not bool(tensor.any())
 
 
-def _value_projection(layout: Layout, layer: nn.Module) -> tuple[nn.Module, int]:
-    if layout.fused_qkv:
-        return get_module(layer, layout.fused_qkv), 2 * in_width_of(get_module(layer, layout.output))
-    return get_module(layer, layout.value), 0
+def _value_rows(spec: AttentionLayout, layer: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The projection holding the values and, per current key/value head, its rows there."""
+    head_dim = head_dim_of(spec, layer)
+    kv = num_kv_heads_of(spec, layer)
+    if spec.qkv:
+        return get_module(layer, spec.qkv), [qkv_rows(spec, layer, "v", [j]) for j in range(kv)]
+    return get_module(layer, spec.value), [torch.arange(j * head_dim, (j + 1) * head_dim) for j in range(kv)]
 
 
-def _empty_heads(layout: Layout, layer: nn.Module) -> list[int]:
+def _empty_heads(spec: AttentionLayout, layer: nn.Module) -> list[int]:
     """Original indices of heads (whole groups under GQA) whose contribution to the layer output is exactly zero.
 
     A head contributes nothing when its columns of the output projection are all zero, or when its value rows and
     value bias are all zero (its context is then zero whatever the attention pattern). Zero queries or keys do not
     qualify: they make the attention uniform, not absent.
     """
-    kept = kept_heads_of(layout, layer)
+    kept = kept_heads_of(spec, layer)
     if not kept:
         return []
-    head_dim = head_dim_of(layout, layer)
-    out_w = matrix_view(get_module(layer, layout.output)).detach()
-    v_module, offset = _value_projection(layout, layer)
+    head_dim = head_dim_of(spec, layer)
+    out_w = matrix_view(get_module(layer, spec.output)).detach()
+    v_module, v_rows = _value_rows(spec, layer)
     v_w = matrix_view(v_module).detach()
-    v_b = v_module.bias.detach() if v_module.bias is not None else None
-    group = group_size_of(layout, layer)
+    v_b = v_module.bias.detach() if getattr(v_module, "bias", None) is not None else None
+    group = group_size_of(spec, layer)
 
     def value_zero(unit: int) -> bool:
-        rows = slice(offset + unit * head_dim, offset + (unit + 1) * head_dim)
+        rows = v_rows[unit].to(v_w.device)
         return _all_zero(v_w[rows]) and (v_b is None or _all_zero(v_b[rows]))
 
     def output_zero(pos: int) -> bool:
@@ -68,34 +83,37 @@ def _activation_is_zero_at_zero(activation: Any) -> bool:
         return False
 
 
-def _empty_neurons(layout: Layout, layer: nn.Module) -> list[int]:
+def _empty_neurons(mlp: MlpLayout, layer: nn.Module) -> list[int]:
     """Original indices of FFN neurons whose contribution is exactly zero.
 
     A neuron contributes nothing when its down-projection column is zero; or when its input row and bias are zero
     and the activation maps 0 to 0 (ReLU, GELU, SiLU); in a gated MLP also when its up-projection row and bias are
     zero (the product is then zero whatever the gate).
     """
-    kept = kept_neurons_of(layout, layer)
+    kept = kept_neurons_of(mlp, layer)
     if not kept:
         return []
-    down = matrix_view(get_module(layer, layout.mlp_output)).detach()
+    down = matrix_view(get_module(layer, mlp.output)).detach()
     zero = ~down.any(dim=0)
 
     def input_zero(path: str) -> torch.Tensor:
         module = get_module(layer, path)
         rows_zero = ~matrix_view(module).detach().any(dim=1)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             rows_zero &= module.bias.detach() == 0
         return rows_zero
 
-    act_zero = _activation_is_zero_at_zero(get_module(layer, layout.activation))
-    if layout.gated:
-        gate_path, up_path = layout.mlp_inputs
-        zero |= input_zero(up_path)
-        if act_zero:
-            zero |= input_zero(gate_path)
-    elif act_zero:
-        zero |= input_zero(layout.mlp_inputs[0])
+    act_zero = _activation_is_zero_at_zero(get_module(layer, mlp.activation))
+    if mlp.fused:
+        both = input_zero(mlp.fused)
+        activated, linear = both[: len(kept)], both[len(kept):]
+    else:
+        activated = input_zero(mlp.inputs[0])
+        linear = input_zero(mlp.inputs[1]) if mlp.gated else None
+    if linear is not None:
+        zero |= linear
+    if act_zero:
+        zero |= activated
     return [kept[pos] for pos in torch.nonzero(zero).flatten().tolist()]
 
 
@@ -107,12 +125,14 @@ def remove_empty_structures(model: nn.Module) -> dict[str, dict[int, list[int]]]
     unchanged up to float rounding, the matrices smaller. Only exact zeros count.
 
     Returns:
-        {"heads": {layer: [original head indices removed]}, "neurons": {layer: [original neuron indices removed]}},
+        {"heads": {attention block: [original head indices removed]}, "neurons": {layer: [original neuron indices removed]}},
         listing only layers where something was removed.
     """
-    layout, layers = find_layers(model)
-    heads = {i: _empty_heads(layout, layer) for i, layer in enumerate(layers)}
-    neurons = {i: _empty_neurons(layout, layer) for i, layer in enumerate(layers)}
+    _, layers = find_layers(model)
+    heads = {site.index: _empty_heads(site.spec, site.layer) for site in attention_sites(model, layers)}
+    neurons = {
+        i: _empty_neurons(layers.layout(i).mlp, layer) for i, layer in enumerate(layers) if layers.layout(i).mlp
+    }
     heads = {i: h for i, h in heads.items() if h}
     neurons = {i: n for i, n in neurons.items() if n}
     if heads:

@@ -165,7 +165,49 @@ def _model_class(config: Any, model_class: Optional[type]) -> type:
     )
 
 
+def to_model_format(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint `state` with Transformers 5's saving conversions undone, keyed as `model.state_dict()`.
+
+    Transformers 5 renames, fuses and splits weights when it loads (ViT's `attention.attention.query` becomes
+    `attention.q_proj`, GPT-NeoX's `embed_out` becomes `lm_head`, per-expert MoE weights become one tensor) and
+    reverts all of it when it saves. The conversion is a rearrangement of elements, so it is undone exactly by
+    sending the model's element positions through the same saving conversion and reading back where each checkpoint
+    element belongs. A state already in the model's format, and Transformers 4, are returned unchanged.
+    """
+    expected = model.state_dict()
+    if set(state) <= set(expected):
+        return state
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # Transformers 4 saves what the model holds
+        return state
+    positions: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, tensor in expected.items():
+        positions[name] = torch.arange(offset, offset + tensor.numel(), dtype=torch.float64).view(tensor.shape)
+        offset += tensor.numel()
+    try:
+        saved = revert_weight_conversion(model, dict(positions))
+    except Exception:  # a conversion that cannot run on this model: report the keys as they are
+        return state
+    if set(saved) != set(state) or any(saved[k].shape != state[k].shape for k in state):
+        return state
+    flat = torch.empty(offset, dtype=torch.float64)
+    filled = torch.zeros(offset, dtype=torch.bool)
+    for key, where in saved.items():
+        index = where.reshape(-1).long()
+        flat[index] = state[key].reshape(-1).double()
+        filled[index] = True
+    result = {}
+    for name, where in positions.items():
+        index = where.reshape(-1).long()
+        if bool(filled[index].all()):
+            result[name] = flat[index].view(where.shape).to(expected[name].dtype)
+    return result
+
+
 def _load_state_strictly(model: nn.Module, state: dict[str, torch.Tensor], directory: str) -> None:
+    state = to_model_format(model, state)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     mismatched = [

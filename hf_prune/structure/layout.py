@@ -1,29 +1,46 @@
-"""Where the heads, FFN neurons, layers and hidden channels of each architecture live (public: the layer view).
+"""Where the heads, FFN neurons, layers and hidden channels of a model live (public: the layer view).
 
-`find_layers(model)` returns the `Layout` of the model's architecture and its list of transformer layers; the
-functions below read, for one layer, which heads and neurons it still has in the ORIGINAL numbering, which layers
-are gone from the list (`original_layer_indices`), and where the residual stream is read and written
-(`HiddenLayout`, for width pruning). Everything
-else in `hf_prune.structure` (removal, empty-structure detection, summaries) and `hf_prune.units` (importance,
-gradual masking) goes through this one view, so supporting a new architecture means adding one `Layout`.
+A family is described once, declaratively, by a `Layout` (one transformer layer: its attention blocks and its MLP,
+paths relative to the layer) registered with `register_layout` (the table is `hf_prune.structure.layouts`).
+`find_layers(model)` finds the model's stacks of layers (every `nn.ModuleList` whose layers all match a registered
+layout: one stack for encoders and decoders, two for encoder-decoder models) and returns them as one `LayerView`.
+Everything else in `hf_prune.structure` (removal, empty-structure detection, summaries, width and depth) and
+`hf_prune.units` (importance, gradual masking) reads the model through this view, so a new family is one
+registration, never edits across modules.
+
+Numbering. FFN neurons are keyed by layer (position in the view: encoder layers first, then decoder layers). Heads
+are keyed by attention block (`attention_sites`): the self-attention of each layer in order, a decoder layer's
+cross-attention right after its self-attention. For a model with one attention block per layer (every encoder-only
+and decoder-only family) the attention index is the layer index, as in Transformers' own `prune_heads`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
 from .slicing import in_width_of, out_width_of
-from .standins import TRANSFORMERS_MAJOR
+from .standins import TRANSFORMERS_MAJOR, EmptyAttention, NoHeadsSelfAttention
 
 NEURONS_ATTR = "hf_prune_pruned_neurons"
 
+
 def get_module(root: nn.Module, path: str) -> Any:
-    for part in path.split("."):
+    """The module at dotted `path` below `root` ("" is `root` itself)."""
+    for part in path.split(".") if path else ():
         root = getattr(root, part)
     return root
+
+
+def find_module(root: nn.Module, path: str) -> Optional[nn.Module]:
+    """The module at `path` below `root`, or None when any part of the path is missing."""
+    try:
+            return get_module(root, path)
+    except AttributeError:
+        return None
 
 
 def set_module(root: nn.Module, path: str, value: nn.Module) -> None:
@@ -40,212 +57,429 @@ def module_path(root: nn.Module, module: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Architecture layouts: where the heads and neurons of one transformer layer live
+# The description of one family
 # ----------------------------------------------------------------------------------------------------------------
+
+# Packing of a fused q/k/v projection's output rows:
+#   "blocks":    [all query heads | all key heads | all value heads]            GPT-2, Phi-3, ModernBERT, Falcon MQA
+#   "per_group": per key/value group: [its query heads, its key, its value]     GPT-NeoX (groups of 1), Falcon
+Packing = Union[str, Callable[[nn.Module], str]]
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """One attention block of a layer: paths relative to the layer, attribute names on the computing module.
+
+    Heads are found from the shapes (query heads = output-projection inputs / head_dim; key/value heads from the key
+    projection or the fused projection's width), so grouped-query and multi-query attention need no flag.
+    """
+
+    owner: str  # module that carries `pruned_heads` (original numbering, local to this block)
+    core: str  # module computing the heads; replaced by a stand-in when no head is left
+    output: str  # attention output projection; its inputs are the concatenated heads
+    query: str = ""
+    key: str = ""
+    value: str = ""
+    qkv: str = ""  # a fused q/k/v projection instead of the three above
+    qkv_packing: Packing = "blocks"
+    # Fields of the block's own `config` that its forward reads as head counts (Phi-3 reads
+    # `config.num_attention_heads`): the block gets a private copy of the config with its own counts.
+    config_counts: tuple[tuple[str, str], ...] = ()  # (config field, "heads" or "kv")
+    # Arguments of the core's forward holding a per-head tensor computed for all ORIGINAL heads outside the block
+    # (MPNet's shared relative position bias, axis 1): a forward pre-hook selects the heads the block still has.
+    head_inputs: tuple[str, ...] = ()
+    extra_heads: tuple[str, ...] = ()  # more projections whose outputs are query-head channels, where present
+    head_dim_attrs: tuple[str, ...] = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
+    count_attrs: tuple[str, ...] = ("num_heads", "num_attention_heads", "n_heads")  # set where present
+    width_attrs: tuple[str, ...] = ("all_head_size", "inner_dim")  # heads * head_dim, set where present
+    kv_count_attrs: tuple[str, ...] = ("num_key_value_heads", "num_kv_heads")  # set where present
+    optional: bool = False  # absent from some layers (a cross-attention that only decoder layers have)
+    outputs: int = 2  # values the core's forward returns (output, weights[, cache]); a stand-in returns as many
+    cross: bool = False  # attends to another stack's states: its key/value cache is not this block's to extend
+
+    def projections(self) -> tuple[str, ...]:
+        """Every projection of the block, input side first, that exists in the layout."""
+        return tuple(p for p in (self.query, self.key, self.value, self.qkv, *self.extra_heads, self.output) if p)
+
+    def present(self, layer: nn.Module) -> bool:
+        return find_module(layer, self.owner) is not None and find_module(layer, self.output) is not None
+
+    def matches(self, layer: nn.Module) -> bool:
+        if not self.present(layer):
+            return self.optional and find_module(layer, self.owner) is None
+        core = find_module(layer, self.core)
+        if isinstance(core, (EmptyAttention, NoHeadsSelfAttention)):
+            return True  # every head already removed
+        inputs = (self.qkv,) if self.qkv else (self.query, self.key, self.value)
+        return all(find_module(layer, p) is not None for p in inputs)
+
+    def packing(self, layer: nn.Module) -> str:
+        packing = self.qkv_packing
+        return packing(get_module(layer, self.core)) if callable(packing) else packing
+
+
+@dataclass(frozen=True)
+class MlpLayout:
+    """The feed-forward block of a layer. A neuron is one output of the input projection(s) and one input of the
+    output projection; gated MLPs (SwiGLU, GeGLU) have two input projections, or one fused projection holding the
+    activated half first and the linear half second (Phi-3 `gate_up_proj`, ModernBERT `Wi`)."""
+
+    owner: str  # module that carries `hf_prune_pruned_neurons`
+    output: str
+    inputs: tuple[str, ...] = ()  # separate input projections, the activated one first when gated
+    fused: str = ""  # one projection [activated half | linear half]
+    activation: str = ""
+    gated: bool = False
+
+    def projections(self) -> tuple[str, ...]:
+        return tuple(p for p in (*self.inputs, self.fused, self.output) if p)
+
+    def matches(self, layer: nn.Module) -> bool:
+        return all(find_module(layer, p) is not None for p in self.projections())
+
+
+@dataclass(frozen=True)
+class HiddenLayout:
+    """Where the residual stream (hidden size) is read and written outside the attention and MLP projections.
+
+    Paths are relative to the base model (`model.base_model`); `layer_*` paths are relative to one layer.
+    """
+
+    embeddings: tuple[str, ...]  # nn.Embedding tables whose rows are hidden vectors, where present
+    writers: tuple[str, ...] = ()  # projections outside the layers whose outputs are hidden channels, where present
+    norms: tuple[str, ...] = ()  # LayerNorm / RMSNorm over the hidden size outside the layers
+    layer_norms: tuple[str, ...] = ()
+    size_attrs: tuple[str, ...] = ()  # "path.attribute" holding the hidden size, kept in step (bookkeeping only)
+    layer_size_attrs: tuple[str, ...] = ()
+    config_changes: tuple[str, ...] = ()  # config fields to pin when the hidden size changes ("head_dim")
+    refuse: str = ""  # why width pruning would change this family's outputs beyond the removed channels
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths, relative to one transformer layer, of the modules structured pruning touches."""
+    """One registered family layout: what one transformer layer holds, and where the hidden size lives."""
 
     name: str
-    owner: str  # module that carries `pruned_heads`
-    core: str  # module computing the heads (replaced when no head is left)
-    query: str  # "" for a fused q/k/v projection
-    key: str
-    value: str
-    fused_qkv: str  # GPT-2's c_attn, "" otherwise
-    output: str  # attention output projection; its input is the concatenated heads
-    head_dim_attr: str
-    head_count_attrs: tuple[str, ...]  # attributes of `core` holding the number of heads
-    width_attrs: tuple[str, ...]  # attributes of `core` holding heads * head_dim
-    mlp_owner: str  # module that carries `hf_prune_pruned_neurons`
-    mlp_inputs: tuple[str, ...]  # projections whose outputs are the neurons (gate first when gated)
-    mlp_output: str  # projection whose inputs are the neurons
-    activation: str
-    gated: bool = False
-    grouped: bool = False  # grouped-query attention (keys/values shared by groups of query heads)
-    native_capable: bool = False  # Transformers 4.x implements prune_heads for it
+    attentions: tuple[AttentionLayout, ...]
+    mlp: Optional[MlpLayout]
+    hidden: Optional[HiddenLayout] = None  # None: width pruning not described for this family
+    native_capable: bool = False  # Transformers 4.x implements prune_heads for it (config.pruned_heads)
+    families: str = ""  # the Transformers model families it is known to cover, for messages and the README
+    mlp_note: str = ""  # why FFN neurons cannot be removed, when `mlp` is None
+    refuse: str = ""  # a family that matches but cannot be pruned structurally, and why
+    requires: tuple[str, ...] = ()  # more paths that must exist in the layer (tells similar families apart)
+    layer_class: str = ""  # a regular expression the layer's class name must match ("" matches any)
 
     def matches(self, layer: nn.Module) -> bool:
-        try:
-            get_module(layer, self.owner)
-            get_module(layer, self.output)
-            get_module(layer, self.mlp_output)
-            for path in self.mlp_inputs:
-                get_module(layer, path)
-        except AttributeError:
+        if self.layer_class and not re.fullmatch(self.layer_class, type(layer).__name__):
             return False
-        return True
+        if not all(find_module(layer, p) is not None for p in self.requires):
+            return False
+        if not all(attention.matches(layer) for attention in self.attentions):
+            return False
+        if not any(attention.present(layer) for attention in self.attentions):
+            return False
+        return self.mlp is None or self.mlp.matches(layer)
+
+    def attention_paths(self) -> tuple[str, ...]:
+        return tuple(p for attention in self.attentions for p in attention.projections())
+
+    def mlp_paths(self) -> tuple[str, ...]:
+        return () if self.mlp is None else self.mlp.projections()
+
+    def require_mlp(self) -> MlpLayout:
+        if self.mlp is None:
+            raise ValueError(
+                f"hf_prune: FFN neuron removal is not available for the {self.name!r} layout ({self.families}): "
+                f"{self.mlp_note or 'its feed-forward block is not described'}."
+            )
+        return self.mlp
 
 
-LAYOUTS = (
-    Layout(
-        name="bert",
-        owner="attention",
-        core="attention.self",
-        query="attention.self.query",
-        key="attention.self.key",
-        value="attention.self.value",
-        fused_qkv="",
-        output="attention.output.dense",
-        head_dim_attr="attention_head_size",
-        head_count_attrs=("num_attention_heads",),
-        width_attrs=("all_head_size",),
-        mlp_owner="intermediate",
-        mlp_inputs=("intermediate.dense",),
-        mlp_output="output.dense",
-        activation="intermediate.intermediate_act_fn",
-        native_capable=True,
-    ),
-    Layout(
-        name="distilbert",
-        owner="attention",
-        core="attention",
-        query="attention.q_lin",
-        key="attention.k_lin",
-        value="attention.v_lin",
-        fused_qkv="",
-        output="attention.out_lin",
-        head_dim_attr="attention_head_size",
-        head_count_attrs=("n_heads",),
-        width_attrs=("dim",),
-        mlp_owner="ffn",
-        mlp_inputs=("ffn.lin1",),
-        mlp_output="ffn.lin2",
-        activation="ffn.activation",
-        native_capable=True,
-    ),
-    Layout(
-        name="gpt2",
-        owner="attn",
-        core="attn",
-        query="",
-        key="",
-        value="",
-        fused_qkv="attn.c_attn",
-        output="attn.c_proj",
-        head_dim_attr="head_dim",
-        head_count_attrs=("num_heads",),
-        width_attrs=("split_size",),
-        mlp_owner="mlp",
-        mlp_inputs=("mlp.c_fc",),
-        mlp_output="mlp.c_proj",
-        activation="mlp.act",
-        native_capable=True,
-    ),
-    Layout(
-        name="llama",
-        owner="self_attn",
-        core="self_attn",
-        query="self_attn.q_proj",
-        key="self_attn.k_proj",
-        value="self_attn.v_proj",
-        fused_qkv="",
-        output="self_attn.o_proj",
-        head_dim_attr="head_dim",
-        head_count_attrs=("num_heads",),
-        width_attrs=(),
-        mlp_owner="mlp",
-        mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
-        mlp_output="mlp.down_proj",
-        activation="mlp.act_fn",
-        gated=True,
-        grouped=True,
-    ),
-)
+_LAYOUTS: dict[str, Layout] = {}
 
 
-def find_layers(model: nn.Module) -> tuple[Layout, nn.ModuleList]:
-    """The layout and the list of transformer layers (the list Transformers' `prune_heads` numbers)."""
-    base = getattr(model, "base_model", model)
-    for _, module in base.named_modules():
+def register_layout(layout: Layout, *, overwrite: bool = False, before: Optional[str] = None) -> Layout:
+    """Register a family `Layout` so that structured pruning, importance, saving and `load_pruned` reach it.
+
+    Layouts are tried in registration order and the first whose paths all exist in every layer of a stack wins;
+    `before=name` inserts the new layout ahead of a registered one (a more specific layout ahead of a general one).
+    """
+    if not isinstance(layout, Layout):
+        raise TypeError(f"register_layout takes a hf_prune.structure.Layout, got {type(layout).__name__}.")
+    if layout.name in _LAYOUTS and _LAYOUTS[layout.name] != layout and not overwrite:
+        raise ValueError(f"A layout named {layout.name!r} is already registered; pass overwrite=True to replace it.")
+    items = [(k, v) for k, v in _LAYOUTS.items() if k != layout.name]
+    position = next((i for i, (k, _) in enumerate(items) if k == before), len(items))
+    items.insert(position, (layout.name, layout))
+    _LAYOUTS.clear()
+    _LAYOUTS.update(items)
+    return layout
+
+
+def unregister_layout(name: str) -> None:
+    """Remove a registered layout (for tests and plugins that register temporarily)."""
+    _LAYOUTS.pop(name, None)
+
+
+def registered_layouts() -> tuple[Layout, ...]:
+    """The registered layouts, in the order they are tried."""
+    from . import layouts  # noqa: F401  (the built-in table registers itself on import)
+
+    return tuple(_LAYOUTS.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layer view
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    path: str  # path of the nn.ModuleList from the model root
+    layers: nn.ModuleList
+    layout: Layout
+
+
+@dataclass
+class LayerView(Sequence):
+    """The transformer layers of a model across its stacks (encoder first), each with its layout."""
+
+    stacks: list[Stack]
+    _index: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._index = [(s, i) for s, stack in enumerate(self.stacks) for i in range(len(stack.layers))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> nn.Module:  # type: ignore[override]
+        s, j = self._index[i]
+        return self.stacks[s].layers[j]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        for s, j in self._index:
+            yield self.stacks[s].layers[j]
+
+    def layout(self, i: int) -> Layout:
+        return self.stacks[self._index[i][0]].layout
+
+    def stack_of(self, i: int) -> tuple[Stack, int]:
+        """The stack of layer `i` and the layer's position in it."""
+        s, j = self._index[i]
+        return self.stacks[s], j
+
+    @property
+    def name(self) -> str:
+        return "+".join(dict.fromkeys(stack.layout.name for stack in self.stacks))
+
+
+def _find_stacks(model: nn.Module) -> list[Stack]:
+    layouts = registered_layouts()
+    stacks: list[Stack] = []
+    taken: list[str] = []
+    for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        for layout in LAYOUTS:
+        if any(path.startswith(t + ".") for t in taken):
+            continue  # a list inside a layer already found (T5's sub-layers, experts)
+        for layout in layouts:
             if all(layout.matches(layer) for layer in module):
-                return layout, module
-    raise ValueError(
-        f"hf_prune structured pruning supports BERT-style (BERT, RoBERTa), DistilBERT, GPT-2 and Llama-style "
-        f"(Llama, Mistral, Qwen2) transformer layers; found none in {type(model).__name__}."
-    )
+                stacks.append(Stack(path, module, layout))
+                taken.append(path)
+                break
+    return stacks
 
 
-def head_dim_of(layout: Layout, layer: nn.Module) -> int:
-    return int(getattr(get_module(layer, layout.core), layout.head_dim_attr))
+def _describe_unknown(model: nn.Module) -> str:
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return "it has no nn.ModuleList of layers"
+    path, module = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    children = sorted({name.split(".")[0] + ("." + name.split(".")[1] if "." in name else "")
+                       for name, _ in module[0].named_modules() if name and name.count(".") <= 1})
+    return f"its largest layer list {path!r} holds {type(module[0]).__name__} layers with modules {children[:24]}"
 
 
-def num_heads_of(layout: Layout, layer: nn.Module) -> int:
-    return in_width_of(get_module(layer, layout.output)) // head_dim_of(layout, layer)
+def find_layers(model: nn.Module) -> tuple[Layout, LayerView]:
+    """The layout of the model's first stack and the view of all its transformer layers.
+
+    Raises a ValueError naming what was found, and how to register a layout, when no registered layout matches.
+    """
+    stacks = _find_stacks(model)
+    if not stacks:
+        names = ", ".join(layout.name for layout in registered_layouts())
+        raise ValueError(
+            f"hf_prune structured pruning found no layer layout it knows in {type(model).__name__} "
+            f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}): "
+            f"{_describe_unknown(model)}. Registered layouts: {names}. Describe the family with "
+            "hf_prune.structure.Layout (its attention and MLP projections) and hf_prune.structure.register_layout."
+        )
+    for stack in stacks:
+        if stack.layout.refuse:
+            raise ValueError(f"hf_prune: structured pruning of {type(model).__name__} is not supported: "
+                             f"{stack.layout.refuse}")
+    return stacks[0].layout, LayerView(stacks)
 
 
-def group_size_of(layout: Layout, layer: nn.Module) -> int:
+# ----------------------------------------------------------------------------------------------------------------
+# Heads, per attention block
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionSite:
+    """One attention block of the model: the key of `prune_heads` is its position in `attention_sites(model)`."""
+
+    index: int
+    layer_idx: int  # position of its layer in the LayerView
+    layer: nn.Module
+    spec: AttentionLayout
+    layout: Layout
+
+
+def attention_sites(model: nn.Module, view: Optional[LayerView] = None) -> list[AttentionSite]:
+    if view is None:
+        _, view = find_layers(model)
+    sites: list[AttentionSite] = []
+    for i, layer in enumerate(view):
+        layout = view.layout(i)
+        for spec in layout.attentions:
+            if spec.present(layer):
+                sites.append(AttentionSite(len(sites), i, layer, spec, layout))
+    return sites
+
+
+def head_dim_of(spec: AttentionLayout, layer: nn.Module) -> int:
+    core = get_module(layer, spec.core)
+    for attr in spec.head_dim_attrs:
+        value = getattr(core, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"hf_prune: {type(core).__name__} has none of the head-size attributes {spec.head_dim_attrs}.")
+
+
+def num_heads_of(spec: AttentionLayout, layer: nn.Module) -> int:
+    """Query heads present."""
+    return in_width_of(get_module(layer, spec.output)) // head_dim_of(spec, layer)
+
+
+def num_kv_heads_of(spec: AttentionLayout, layer: nn.Module) -> int:
+    """Key/value heads present (equal to the query heads without grouped-query attention)."""
+    heads = num_heads_of(spec, layer)
+    if heads == 0:
+        return 0
+    head_dim = head_dim_of(spec, layer)
+    if spec.qkv:
+        total = out_width_of(get_module(layer, spec.qkv)) // head_dim
+        return (total - heads) // 2
+    return out_width_of(get_module(layer, spec.key)) // head_dim
+
+
+def group_size_of(spec: AttentionLayout, layer: nn.Module) -> int:
     """Query heads per key/value head (1 without grouped-query attention)."""
-    return int(getattr(get_module(layer, layout.core), "num_key_value_groups", 1)) if layout.grouped else 1
+    heads = num_heads_of(spec, layer)
+    if heads == 0:
+        return int(getattr(get_module(layer, spec.core), "hf_prune_group_size", 1))
+    return max(1, heads // max(1, num_kv_heads_of(spec, layer)))
 
 
-def pruned_heads_of(layout: Layout, layer: nn.Module) -> set[int]:
-    return set(getattr(get_module(layer, layout.owner), "pruned_heads", set()) or set())
+def pruned_heads_of(spec: AttentionLayout, layer: nn.Module) -> set[int]:
+    return set(getattr(get_module(layer, spec.owner), "pruned_heads", set()) or set())
 
 
-def kept_heads_of(layout: Layout, layer: nn.Module) -> list[int]:
+def kept_heads_of(spec: AttentionLayout, layer: nn.Module) -> list[int]:
     """Original indices of the heads still present, in the order of their channels."""
-    pruned = pruned_heads_of(layout, layer)
-    total = num_heads_of(layout, layer) + len(pruned)
+    pruned = pruned_heads_of(spec, layer)
+    total = num_heads_of(spec, layer) + len(pruned)
     return [h for h in range(total) if h not in pruned]
 
 
-def pruned_neurons_of(layout: Layout, layer: nn.Module) -> set[int]:
-    return set(getattr(get_module(layer, layout.mlp_owner), NEURONS_ATTR, set()) or set())
+def qkv_rows(spec: AttentionLayout, layer: nn.Module, part: str, units: Sequence[int]) -> Any:
+    """Output rows of the fused q/k/v projection holding `part` ("q", "k" or "v") of the current query heads
+    (part "q") or key/value heads (parts "k", "v") at positions `units`."""
+    import torch
+
+    from .slicing import channel_index
+
+    head_dim = head_dim_of(spec, layer)
+    heads, kv = num_heads_of(spec, layer), num_kv_heads_of(spec, layer)
+    if spec.packing(layer) == "blocks":
+        offset = {"q": 0, "k": heads * head_dim, "v": (heads + kv) * head_dim}[part]
+        return channel_index(list(units), head_dim, offset)
+    group = max(1, heads // max(1, kv))
+    block = (group + 2) * head_dim
+    if part == "q":
+        rows = [g * block + (h % group) * head_dim for h in units for g in [h // group]]
+    else:
+        rows = [g * block + (group + (part == "v")) * head_dim for g in units]
+    if not rows:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(r, r + head_dim) for r in rows])
 
 
-def kept_neurons_of(layout: Layout, layer: nn.Module) -> list[int]:
-    pruned = pruned_neurons_of(layout, layer)
-    total = in_width_of(get_module(layer, layout.mlp_output)) + len(pruned)
+# ----------------------------------------------------------------------------------------------------------------
+# Neurons, per layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pruned_neurons_of(mlp: MlpLayout, layer: nn.Module) -> set[int]:
+    return set(getattr(get_module(layer, mlp.owner), NEURONS_ATTR, set()) or set())
+
+
+def kept_neurons_of(mlp: MlpLayout, layer: nn.Module) -> list[int]:
+    pruned = pruned_neurons_of(mlp, layer)
+    total = in_width_of(get_module(layer, mlp.output)) + len(pruned)
     return [n for n in range(total) if n not in pruned]
 
 
 @dataclass
 class UnitSlot:
-    """What importance scoring needs of one layer: where to hook and how channels map to original units."""
+    """What importance scoring needs of one unit holder: where to hook and how channels map to original units.
 
-    layer_idx: int
+    For heads a slot is one attention block (`attention_sites`), for neurons one layer.
+    """
+
+    layer_idx: int  # the key of prune_heads / prune_ffn_neurons
     module: Optional[nn.Module]  # the output projection (heads) or down projection (neurons); None when empty
     unit_width: int  # channels per unit: head_dim for heads, 1 for neurons
     kept: list[int]  # original indices of the units present, in channel order
-    total: int  # units in the original layer
+    total: int  # units in the original block
 
 
 def head_slots(model: nn.Module) -> list[UnitSlot]:
-    layout, layers = find_layers(model)
     slots = []
-    for i, layer in enumerate(layers):
-        kept = kept_heads_of(layout, layer)
-        total = len(kept) + len(pruned_heads_of(layout, layer))
-        module = get_module(layer, layout.output) if kept else None
-        slots.append(UnitSlot(i, module, head_dim_of(layout, layer), kept, total))
+    for site in attention_sites(model):
+        kept = kept_heads_of(site.spec, site.layer)
+        total = len(kept) + len(pruned_heads_of(site.spec, site.layer))
+        module = get_module(site.layer, site.spec.output) if kept else None
+        slots.append(UnitSlot(site.index, module, head_dim_of(site.spec, site.layer), kept, total))
     return slots
 
 
 def neuron_slots(model: nn.Module) -> list[UnitSlot]:
-    layout, layers = find_layers(model)
+    _, view = find_layers(model)
     slots = []
-    for i, layer in enumerate(layers):
-        kept = kept_neurons_of(layout, layer)
-        total = len(kept) + len(pruned_neurons_of(layout, layer))
-        module = get_module(layer, layout.mlp_output) if kept else None
+    for i, layer in enumerate(view):
+        mlp = view.layout(i).require_mlp()
+        kept = kept_neurons_of(mlp, layer)
+        total = len(kept) + len(pruned_neurons_of(mlp, layer))
+        module = get_module(layer, mlp.output) if kept else None
         slots.append(UnitSlot(i, module, 1, kept, total))
     return slots
 
 
 def head_group_size(model: nn.Module) -> int:
-    """Query heads that must be removed together (Llama-style grouped-query attention), 1 otherwise."""
-    layout, layers = find_layers(model)
-    return max(group_size_of(layout, layer) for layer in layers)
+    """Query heads that must be removed together (grouped-query attention), 1 otherwise."""
+    return max((group_size_of(s.spec, s.layer) for s in attention_sites(model)), default=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Heads
+# Heads removed by Transformers 4.x itself
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -259,8 +493,6 @@ def native_prune_heads_available(model: nn.Module, layout: Layout) -> bool:
     )
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layers (depth) and hidden channels (width)
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +501,11 @@ LAYERS_ATTR = "hf_prune_pruned_layers"  # on the layer list: ORIGINAL indices of
 HIDDEN_ATTR = "hf_prune_pruned_hidden"  # on the base model: ORIGINAL indices of the hidden channels removed
 
 
-def pruned_layers_of(layers: nn.ModuleList) -> set[int]:
+def pruned_layers_of(layers: Union[nn.ModuleList, LayerView]) -> set[int]:
+    if isinstance(layers, LayerView):
+        if len(layers.stacks) != 1:
+            return set()
+        layers = layers.stacks[0].layers
     return set(getattr(layers, LAYERS_ATTR, set()) or set())
 
 
@@ -280,88 +516,41 @@ def original_layer_indices(model: nn.Module) -> list[int]:
     list (what Transformers' own `prune_heads` and `config.pruned_heads` index); this maps them to the original layer
     numbers that `prune_layers` and the saved structure record use.
     """
-    _, layers = find_layers(model)
-    pruned = pruned_layers_of(layers)
-    return [i for i in range(len(layers) + len(pruned)) if i not in pruned]
+    _, view = find_layers(model)
+    pruned = pruned_layers_of(view)
+    return [i for i in range(len(view) + len(pruned)) if i not in pruned]
 
 
 def pruned_hidden_of(model: nn.Module) -> set[int]:
     return set(getattr(getattr(model, "base_model", model), HIDDEN_ATTR, set()) or set())
 
 
-def hidden_size_of(layout: Layout, layers: nn.ModuleList) -> int:
-    """Width of the residual stream: what the attention output projection writes."""
-    return out_width_of(get_module(layers[0], layout.output))
+def hidden_size_of(layout: Layout, layers: Sequence[nn.Module]) -> int:
+    """Width of the residual stream: what the first attention block's output projection writes."""
+    layer = layers[0]
+    for spec in layout.attentions:
+        if spec.present(layer):
+            return out_width_of(get_module(layer, spec.output))
+    raise ValueError("hf_prune: the first layer has no attention block to read the hidden size from.")
 
-
-@dataclass(frozen=True)
-class HiddenLayout:
-    """Where the residual stream (hidden size) is read and written, beyond the per-layer projections of `Layout`.
-
-    Paths are relative to the base model (`model.base_model`) unless named `layer_*` (relative to one layer).
-    """
-
-    embeddings: tuple[str, ...]  # nn.Embedding tables whose rows are hidden vectors
-    norms: tuple[str, ...]  # LayerNorm / RMSNorm over the hidden size outside the layers
-    layer_norms: tuple[str, ...]
-    size_attrs: tuple[str, ...]  # "path.attribute" holding the hidden size, kept in step (bookkeeping only)
-    layer_size_attrs: tuple[str, ...]
-    model_types: tuple[str, ...]  # config.model_type values whose forward reads nothing else of the hidden size
-
-
-HIDDEN_LAYOUTS = {
-    "bert": HiddenLayout(
-        embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
-        norms=("embeddings.LayerNorm",),
-        layer_norms=("attention.output.LayerNorm", "output.LayerNorm"),
-        size_attrs=(),
-        layer_size_attrs=(),
-        model_types=("bert", "roberta", "xlm-roberta", "camembert"),
-    ),
-    "distilbert": HiddenLayout(
-        embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings"),
-        norms=("embeddings.LayerNorm",),
-        layer_norms=("sa_layer_norm", "output_layer_norm"),
-        size_attrs=(),
-        layer_size_attrs=(),
-        model_types=("distilbert",),
-    ),
-    "gpt2": HiddenLayout(
-        embeddings=("wte", "wpe"),
-        norms=("ln_f",),
-        layer_norms=("ln_1", "ln_2"),
-        size_attrs=(".embed_dim",),
-        layer_size_attrs=("attn.embed_dim",),
-        model_types=("gpt2",),
-    ),
-    "llama": HiddenLayout(
-        embeddings=("embed_tokens",),
-        norms=("norm",),
-        layer_norms=("input_layernorm", "post_attention_layernorm"),
-        size_attrs=(),
-        layer_size_attrs=(".hidden_size", "mlp.hidden_size"),
-        # Not Gemma-style models: they scale the embeddings by sqrt(hidden_size) in the forward.
-        model_types=("llama", "mistral", "qwen2"),
-    ),
-}
 
 # Task heads that read the last hidden states, relative to the whole model (the pooler relative to the base model).
 # An adapter maps the hidden states into a space of its own (pooled, pre-classifier): its inputs are the residual
 # stream, its outputs are not, so what reads them ("classifier" after an adapter) keeps its shape.
 BASE_ADAPTERS = ("pooler.dense",)
 HEAD_ADAPTERS = ("classifier.dense", "pre_classifier")
-HEAD_READERS = ("qa_outputs", "score", "lm_head")
+HEAD_READERS = ("qa_outputs", "score", "lm_head", "embed_out")
 ADAPTED_READERS = ("classifier", "classifier.out_proj")  # read an adapter's output when there is one
 
 
 def hidden_layout(model: nn.Module, layout: Layout) -> HiddenLayout:
-    """The `HiddenLayout` of `model`, or a ValueError naming its model type and the supported ones."""
-    spec = HIDDEN_LAYOUTS.get(layout.name)
+    """The `HiddenLayout` of `model`'s family, or a ValueError saying why width pruning does not apply."""
+    spec = layout.hidden
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if spec is None or model_type not in spec.model_types:
-        supported = sorted(t for s in HIDDEN_LAYOUTS.values() for t in s.model_types)
+    if spec is None or spec.refuse:
+        reason = spec.refuse if spec is not None else "its embeddings and norms are not described in its layout"
         raise ValueError(
-            f"hf_prune: width pruning supports model types {supported}; {type(model).__name__} has "
-            f"model_type={model_type!r}."
+            f"hf_prune: width pruning (hidden channels) is not available for {type(model).__name__} "
+            f"(model_type={model_type!r}, layout {layout.name!r}): {reason}."
         )
     return spec

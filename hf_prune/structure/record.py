@@ -71,10 +71,16 @@ def structure_record(model: nn.Module) -> Optional[dict]:
     if not summary["pruned_heads"] and not summary["pruned_neurons"] and not depth_or_width:
         return None
     original = original_layer_indices(model)
+    if len(summary["heads_per_layer"]) != len(original):
+        # Several attention blocks per layer (encoder-decoder models, which keep their depth): heads are keyed by
+        # attention block.
+        heads_key = list(range(len(summary["heads_per_layer"])))
+    else:
+        heads_key = original
     record = {
         "format_version": 2 if depth_or_width else 1,
         # JSON object keys are strings: written as such so that the in-memory and the reloaded config agree.
-        "pruned_heads": {str(original[k]): v for k, v in summary["pruned_heads"].items()},
+        "pruned_heads": {str(heads_key[k]): v for k, v in summary["pruned_heads"].items()},
         "pruned_neurons": {str(original[k]): v for k, v in summary["pruned_neurons"].items()},
         "heads_per_layer": summary["heads_per_layer"],
         "intermediate_sizes": summary["intermediate_sizes"],

@@ -9,6 +9,8 @@ model's config (`record_structure`), so any `save_pretrained` carries it.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
@@ -17,16 +19,23 @@ from transformers.utils import logging
 
 from .layout import (
     NEURONS_ATTR,
+    AttentionLayout,
+    AttentionSite,
     Layout,
+    attention_sites,
     find_layers,
+    find_module,
     get_module,
     group_size_of,
     head_dim_of,
     kept_heads_of,
     kept_neurons_of,
     native_prune_heads_available,
+    num_heads_of,
+    num_kv_heads_of,
     pruned_heads_of,
     pruned_neurons_of,
+    qkv_rows,
     set_module,
 )
 from .record import record_structure
@@ -45,8 +54,8 @@ def _config_records_heads(model: nn.Module, layout: Layout) -> bool:
     Under 4.x wherever Transformers' own `prune_heads` applies: that is what rebuilds the shapes at load. Under 5.x,
     which ignores the field, for the model types 4.x rebuilds from it (and whenever a config loaded from a 4.x
     checkpoint carries it), so that a 5.x checkpoint stays loadable by 4.x and by `load_pruned` without
-    `hf_prune_structure.json`. Never for Llama-style models: under 4.x a non-empty `config.pruned_heads` makes their
-    `from_pretrained` call a `prune_heads` they do not implement.
+    `hf_prune_structure.json`. Never for other layouts: under 4.x a non-empty `config.pruned_heads` makes their
+    `from_pretrained` call a `prune_heads` they may not implement.
     """
     if TRANSFORMERS_MAJOR < 5:
         return native_prune_heads_available(model, layout)
@@ -57,100 +66,171 @@ def _config_records_heads(model: nn.Module, layout: Layout) -> bool:
     )
 
 
-def sync_config_pruned_heads(model: nn.Module, layout: Layout, layers: nn.ModuleList) -> None:
+def sync_config_pruned_heads(model: nn.Module, layout: Layout, layers: Any) -> None:
     """Write `config.pruned_heads` (keyed by position in the current layer list) where `_config_records_heads`."""
     if not _config_records_heads(model, layout):
         return
+    spec = layout.attentions[0]
     model.config.pruned_heads = {
-        i: sorted(pruned_heads_of(layout, layer)) for i, layer in enumerate(layers) if pruned_heads_of(layout, layer)
+        i: sorted(pruned_heads_of(spec, layer)) for i, layer in enumerate(layers) if pruned_heads_of(spec, layer)
     }
 
 
-def _normalize_units(units: Optional[Mapping[Any, Iterable[int]]], num_layers: int, kind: str) -> dict[int, set[int]]:
+def _normalize_units(
+    units: Optional[Mapping[Any, Iterable[int]]], num_layers: int, kind: str, where: str = "layer"
+) -> dict[int, set[int]]:
     result: dict[int, set[int]] = {}
     for layer, indices in (units or {}).items():
         layer = int(layer)
         if not 0 <= layer < num_layers:
-            raise ValueError(f"hf_prune: layer {layer} in the {kind} to prune does not exist (0 to {num_layers - 1}).")
+            raise ValueError(f"hf_prune: {where} {layer} in the {kind} to prune does not exist (0 to {num_layers - 1}).")
         result.setdefault(layer, set()).update(int(i) for i in indices)
     return result
 
 
-def _check_head_request(layout: Layout, layer_idx: int, layer: nn.Module, requested: set[int]) -> None:
-    total = len(kept_heads_of(layout, layer)) + len(pruned_heads_of(layout, layer))
+def _check_head_request(
+    spec: AttentionLayout, index: int, layer: nn.Module, requested: set[int], where: str
+) -> None:
+    total = len(kept_heads_of(spec, layer)) + len(pruned_heads_of(spec, layer))
     bad = sorted(h for h in requested if not 0 <= h < total)
     if bad:
         raise ValueError(
-            f"hf_prune: layer {layer_idx} has heads 0 to {total - 1} (original numbering); cannot prune {bad}."
+            f"hf_prune: {where} {index} has heads 0 to {total - 1} (original numbering); cannot prune {bad}."
         )
-    group = group_size_of(layout, layer)
+    group = group_size_of(spec, layer)
     if group == 1:
         return
-    gone = requested | pruned_heads_of(layout, layer)
+    gone = requested | pruned_heads_of(spec, layer)
     for g in sorted({h // group for h in requested}):
         members = set(range(g * group, (g + 1) * group))
         if not members <= gone:
             raise ValueError(
-                f"hf_prune: layer {layer_idx} uses grouped-query attention ({group} query heads per key/value head): "
-                f"key/value group {g} (query heads {sorted(members)}) can only be removed whole, but heads "
+                f"hf_prune: {where} {index} uses grouped-query attention ({group} query heads per key/value "
+                f"head): key/value group {g} (query heads {sorted(members)}) can only be removed whole, but heads "
                 f"{sorted(members - gone)} would stay. Prune all of {sorted(members)} or none; "
                 "select_heads_to_prune(..., group_size=...) selects whole groups."
             )
 
 
-def _remove_heads_own(layout: Layout, layer: nn.Module, keep: list[int]) -> None:
-    """hf_prune's own head removal; `keep` lists current head positions to keep (at least one)."""
-    head_dim = head_dim_of(layout, layer)
-    core = get_module(layer, layout.core)
+def _set_present(module: nn.Module, attrs: tuple[str, ...], value: int) -> None:
+    for attr in attrs:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
+
+
+def _own_config(core: nn.Module, spec: AttentionLayout, heads: int, kv: int) -> None:
+    """Give the block a private config holding its own head counts, for forwards that read them from the config."""
+    config = getattr(core, "config", None)
+    if not spec.config_counts or config is None:
+        return
+    if not getattr(core, "hf_prune_own_config", False):
+        config = copy.copy(config)
+        core.config = config
+        core.hf_prune_own_config = True
+    for field, kind in spec.config_counts:
+        if hasattr(config, field):
+            setattr(config, field, heads if kind == "heads" else kv)
+
+
+def _select_head_inputs(spec: AttentionLayout, core: nn.Module, original: list[int]) -> None:
+    """Install (or replace) a forward pre-hook that keeps the block's heads of per-head inputs computed outside it."""
+    handle = getattr(core, "hf_prune_head_inputs_hook", None)
+    if handle is not None:
+        handle.remove()
+    if not spec.head_inputs:
+        return
+    names = list(inspect.signature(core.forward).parameters)
+    index = torch.tensor(original, dtype=torch.long)
+
+    def select(tensor: Any) -> Any:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[1] > len(original):
+            return tensor.index_select(1, index.to(tensor.device))
+        return tensor
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        args = list(args)
+        for name in spec.head_inputs:
+            if name in kwargs:
+                kwargs[name] = select(kwargs[name])
+            elif name in names and names.index(name) < len(args):
+                args[names.index(name)] = select(args[names.index(name)])
+        return tuple(args), kwargs
+
+    core.hf_prune_head_inputs_hook = core.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], original: list[int]) -> None:
+    """hf_prune's own head removal; `keep` lists current head positions to keep (at least one), `original` their
+    original indices."""
+    head_dim = head_dim_of(spec, layer)
+    core = get_module(layer, spec.core)
+    group = group_size_of(spec, layer)
+    kv_keep = sorted({h // group for h in keep})
     q_index = channel_index(keep, head_dim)
-    if layout.fused_qkv:
-        width = in_width_of(get_module(layer, layout.output))
-        qkv_index = torch.cat([q_index, q_index + width, q_index + 2 * width])
-        keep_outputs(get_module(layer, layout.fused_qkv), qkv_index, layout.fused_qkv)
+    if spec.qkv:
+        if spec.packing(layer) == "per_group":
+            rows = qkv_rows_per_group(spec, layer, kv_keep)
+        else:
+            rows = torch.cat([qkv_rows(spec, layer, part, keep if part == "q" else kv_keep) for part in "qkv"])
+        keep_outputs(get_module(layer, spec.qkv), rows, spec.qkv)
     else:
-        group = group_size_of(layout, layer)
-        kv_keep = sorted({h // group for h in keep})
         kv_index = channel_index(kv_keep, head_dim)
-        keep_outputs(get_module(layer, layout.query), q_index, layout.query)
-        keep_outputs(get_module(layer, layout.key), kv_index, layout.key)
-        keep_outputs(get_module(layer, layout.value), kv_index, layout.value)
-        if hasattr(core, "num_key_value_heads"):  # not read by Llama's forward, but by some variants'
-            core.num_key_value_heads = len(kv_keep)
-    keep_inputs(get_module(layer, layout.output), q_index, layout.output)
-    for attr in layout.head_count_attrs:
-        if hasattr(core, attr) or not layout.grouped:
-            setattr(core, attr, len(keep))
-    for attr in layout.width_attrs:
-        setattr(core, attr, len(keep) * head_dim)
+        keep_outputs(get_module(layer, spec.query), q_index, spec.query)
+        keep_outputs(get_module(layer, spec.key), kv_index, spec.key)
+        keep_outputs(get_module(layer, spec.value), kv_index, spec.value)
+    for path in spec.extra_heads:
+        module = find_module(layer, path)
+        if module is not None:
+            keep_outputs(module, q_index, path)
+    keep_inputs(get_module(layer, spec.output), q_index, spec.output)
+    _set_present(core, spec.count_attrs, len(keep))
+    _set_present(core, spec.width_attrs, len(keep) * head_dim)
+    _set_present(core, spec.kv_count_attrs, len(kv_keep))
+    _own_config(core, spec, len(keep), len(kv_keep))
+    _select_head_inputs(spec, core, original)
+
+
+def qkv_rows_per_group(spec: AttentionLayout, layer: nn.Module, groups: list[int]) -> torch.Tensor:
+    """Rows of a per-group packed q/k/v projection for whole key/value groups, in their packed order."""
+    head_dim = head_dim_of(spec, layer)
+    heads, kv = num_heads_of(spec, layer), num_kv_heads_of(spec, layer)
+    block = (heads // max(1, kv) + 2) * head_dim
+    return channel_index(groups, block)
 
 
 def _output_bias(module: nn.Module) -> Optional[torch.Tensor]:
     return getattr(module, "bias", None)
 
 
-def _empty_attention(layout: Layout, layer: nn.Module, pruned: set[int]) -> None:
-    """Replace a layer's head computation by what it contributes without heads: the output-projection bias."""
-    core = get_module(layer, layout.core)
-    head_dim = head_dim_of(layout, layer)
-    output = get_module(layer, layout.output)
-    check_plain(output, layout.output)
+def _empty_attention(spec: AttentionLayout, layout: Layout, layer: nn.Module, pruned: set[int]) -> None:
+    """Replace a block's head computation by what it contributes without heads: the output-projection bias."""
+    core = get_module(layer, spec.core)
+    head_dim = head_dim_of(spec, layer)
+    group = group_size_of(spec, layer)
+    output = get_module(layer, spec.output)
+    check_plain(output, spec.output)
     bias_only = BiasOnly(_output_bias(output), out_width_of(output))
     layer_idx = getattr(core, "layer_idx", None)
-    if layout.core != layout.owner:
+    handle = getattr(core, "hf_prune_head_inputs_hook", None)
+    if handle is not None:
+        handle.remove()
+    if not spec.output.startswith(spec.core + "."):
         # BERT-style: `attention.self` computes the heads, `attention.output` projects, adds and normalises.
-        set_module(layer, layout.core, NoHeadsSelfAttention(head_dim, layer_idx))
-        set_module(layer, layout.output, bias_only)
-        get_module(layer, layout.owner).pruned_heads = set(pruned)
+        set_module(layer, spec.core, NoHeadsSelfAttention(head_dim, layer_idx))
+        set_module(layer, spec.output, bias_only)
+        get_module(layer, spec.owner).pruned_heads = set(pruned)
         return
-    bookkeeping: dict[str, Any] = {layout.head_dim_attr: head_dim}
-    for attr in layout.head_count_attrs + layout.width_attrs:
-        bookkeeping[attr] = 0
-    for attr in ("num_key_value_groups", "num_key_value_heads", "is_causal", "scaling"):
+    bookkeeping: dict[str, Any] = {"head_dim": head_dim, "hf_prune_group_size": group}
+    for attr in spec.head_dim_attrs:
+        if isinstance(getattr(core, attr, None), int):
+            bookkeeping[attr] = getattr(core, attr)
+    for attr in spec.count_attrs + spec.width_attrs + spec.kv_count_attrs:
+        if isinstance(getattr(core, attr, None), int):
+            bookkeeping[attr] = 0
+    for attr in ("num_key_value_groups", "is_causal", "scaling", "is_decoder"):
         if hasattr(core, attr):
             bookkeeping[attr] = getattr(core, attr)
-    if hasattr(core, "num_key_value_heads"):
-        bookkeeping["num_key_value_heads"] = 0
-    output_name = layout.output.rpartition(".")[2]
+    output_name = spec.output[len(spec.core) + 1:]
     replacement = EmptyAttention(
         output_name,
         bias_only,
@@ -160,8 +240,12 @@ def _empty_attention(layout: Layout, layer: nn.Module, pruned: set[int]) -> None
         dropout=getattr(core, "resid_dropout", None),
         legacy_distilbert=layout.name == "distilbert" and TRANSFORMERS_MAJOR < 5,
     )
+    replacement.keeps_cache = not spec.cross
+    replacement.outputs = spec.outputs
     replacement.train(core.training)
-    set_module(layer, layout.core, replacement)
+    set_module(layer, spec.core, replacement)
+    if spec.owner != spec.core:
+        get_module(layer, spec.owner).pruned_heads = set(pruned)
 
 
 @torch.no_grad()
@@ -169,48 +253,55 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
     """Remove attention heads physically, in place; returns `model`.
 
     Args:
-        model: a Transformers model with BERT-style, DistilBERT, GPT-2 or Llama-style layers.
-        heads: layer index -> head indices to remove, in the layer's ORIGINAL numbering (as `config.pruned_heads`).
-            Heads already removed are ignored, so calls compose. A layer may lose all its heads: it then adds the
+        model: a Transformers model of a registered layout (`hf_prune.structure.registered_layouts()`).
+        heads: attention block -> head indices to remove, in the block's ORIGINAL numbering (as
+            `config.pruned_heads`). Attention blocks are numbered as `attention_sites(model)` lists them: one per
+            layer for encoder-only and decoder-only models (the block index is the layer index), and a decoder
+            layer's cross-attention right after its self-attention in encoder-decoder models. Heads already
+            removed are ignored, so calls compose. A block may lose all its heads: it then adds the
             output-projection bias only, exactly what the fully masked attention added. With grouped-query
-            attention (Llama-style models with `num_key_value_heads < num_attention_heads`) a key/value head can
-            only go together with all the query heads that share it: removing part of a group raises a ValueError
-            naming the layer and group.
+            attention a key/value head can only go together with all the query heads that share it: removing part
+            of a group raises a ValueError naming the block and group.
 
     Every attribute the forward reads (`num_attention_heads`, `attention_head_size`, `all_head_size`, `num_heads`,
     `split_size`, `n_heads`, `dim`, `num_key_value_heads`, ...) is updated; `num_key_value_groups` and `head_dim` do
     not change. `config.pruned_heads` is kept in step for the models Transformers 4.x rebuilds from it (BERT,
-    RoBERTa, DistilBERT, GPT-2), under 4.x and 5.x; Llama-style configs are left alone. The pruned parameters are new
-    tensors afterwards: build the optimizer after pruning.
+    RoBERTa, DistilBERT, GPT-2); other configs are left alone. The pruned parameters are new tensors afterwards:
+    build the optimizer after pruning.
     """
     layout, layers = find_layers(model)
-    requests = _normalize_units(heads, len(layers), "heads")
+    sites = attention_sites(model, layers)
+    # One attention block per layer (every encoder-only and decoder-only model): blocks are layers.
+    single = len(sites) == len(layers) and len(layers.stacks) == 1
+    where = "layer" if len(sites) == len(layers) else "attention block"
+    requests = _normalize_units(heads, len(sites), "heads", where)
     native: dict[int, list[int]] = {}
     own: dict[int, list[int]] = {}
-    for layer_idx, requested in sorted(requests.items()):
-        layer = layers[layer_idx]
-        _check_head_request(layout, layer_idx, layer, requested)
-        new = requested - pruned_heads_of(layout, layer)
+    for index, requested in sorted(requests.items()):
+        site = sites[index]
+        _check_head_request(site.spec, index, site.layer, requested, where)
+        new = requested - pruned_heads_of(site.spec, site.layer)
         if not new:
             continue
-        remaining = [h for h in kept_heads_of(layout, layer) if h not in new]
-        if remaining and native_prune_heads_available(model, layout):
-            native[layer_idx] = sorted(new)
+        remaining = [h for h in kept_heads_of(site.spec, site.layer) if h not in new]
+        if remaining and single and native_prune_heads_available(model, site.layout):
+            native[index] = sorted(new)
         else:
-            own[layer_idx] = sorted(new)
+            own[index] = sorted(new)
 
     if native:
-        _prune_heads_native(model, layout, layers, native)
-    for layer_idx, new in own.items():
-        layer = layers[layer_idx]
-        kept = kept_heads_of(layout, layer)
-        pruned = pruned_heads_of(layout, layer) | set(new)
+        _prune_heads_native(model, layout, sites, native)
+    for index, new in own.items():
+        site = sites[index]
+        spec, layer = site.spec, site.layer
+        kept = kept_heads_of(spec, layer)
+        pruned = pruned_heads_of(spec, layer) | set(new)
         keep_positions = [pos for pos, h in enumerate(kept) if h not in pruned]
         if keep_positions:
-            _remove_heads_own(layout, layer, keep_positions)
-            get_module(layer, layout.owner).pruned_heads = pruned
+            _remove_heads_own(spec, layer, keep_positions, [kept[pos] for pos in keep_positions])
+            get_module(layer, spec.owner).pruned_heads = pruned
         else:
-            _empty_attention(layout, layer, pruned)
+            _empty_attention(spec, site.layout, layer, pruned)
     if native or own:
         sync_config_pruned_heads(model, layout, layers)
         record_structure(model)
@@ -219,20 +310,20 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
 
 
 def _prune_heads_native(
-    model: nn.Module, layout: Layout, layers: nn.ModuleList, heads: dict[int, list[int]]
+    model: nn.Module, layout: Layout, sites: list[AttentionSite], heads: dict[int, list[int]]
 ) -> None:
     """Transformers 4.x's own `prune_heads`, then restore what it does not preserve (dtype, requires_grad)."""
-    paths = [p for p in (layout.query, layout.key, layout.value, layout.fused_qkv, layout.output) if p]
     before = {}
-    for layer_idx in heads:
-        for path in paths:
-            module = get_module(layers[layer_idx], path)
+    for index in heads:
+        site = sites[index]
+        for path in site.spec.projections():
+            module = get_module(site.layer, path)
             check_plain(module, path)
             flags = {name: p.requires_grad for name, p in module.named_parameters(recurse=False)}
-            before[layer_idx, path] = (module.weight.dtype, flags)
-    model.prune_heads(heads)
-    for (layer_idx, path), (dtype, flags) in before.items():
-        module = get_module(layers[layer_idx], path)
+            before[index, path] = (module.weight.dtype, flags)
+    model.prune_heads({sites[index].layer_idx: h for index, h in heads.items()})
+    for (index, path), (dtype, flags) in before.items():
+        module = get_module(sites[index].layer, path)
         # Transformers' prune_linear_layer builds a float32 layer whatever the model's dtype.
         module.to(dtype=dtype)
         for name, param in module.named_parameters(recurse=False):
@@ -244,27 +335,34 @@ def _prune_heads_native(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def fused_rows(width: int, positions: list[int]) -> torch.Tensor:
+    """Rows of a fused [activated half | linear half] projection of `width` neurons holding `positions`."""
+    index = torch.tensor(positions, dtype=torch.long)
+    return torch.cat([index, index + width])
+
+
 @torch.no_grad()
 def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) -> nn.Module:
     """Remove FFN (MLP) neurons physically, in place; returns `model`.
 
     Args:
-        model: a Transformers model with BERT-style, DistilBERT, GPT-2 or Llama-style layers.
+        model: a Transformers model of a registered layout (`hf_prune.structure.registered_layouts()`).
         neurons: layer index -> neuron indices (rows of the up projection, columns of the down projection) in the
             layer's ORIGINAL numbering. Already removed neurons are ignored, so calls compose. Gated MLPs lose the
-            same rows of `gate_proj` and `up_proj` and columns of `down_proj`. A layer may lose all neurons: its MLP
-            then adds the down-projection bias only.
+            same rows of `gate_proj` and `up_proj` (or of both halves of a fused `gate_up_proj`) and columns of
+            `down_proj`. A layer may lose all neurons: its MLP then adds the down-projection bias only.
 
     The intermediate size then differs per layer, which no Transformers config can express: reload with
-    `load_pruned` (after `save_structure`).
+    `load_pruned` (the structure is recorded in the config).
     """
-    layout, layers = find_layers(model)
+    _, layers = find_layers(model)
     requests = _normalize_units(neurons, len(layers), "neurons")
     changed = {}
     for layer_idx, requested in sorted(requests.items()):
         layer = layers[layer_idx]
-        pruned = pruned_neurons_of(layout, layer)
-        kept = kept_neurons_of(layout, layer)
+        mlp = layers.layout(layer_idx).require_mlp()
+        pruned = pruned_neurons_of(mlp, layer)
+        kept = kept_neurons_of(mlp, layer)
         total = len(kept) + len(pruned)
         bad = sorted(n for n in requested if not 0 <= n < total)
         if bad:
@@ -279,20 +377,24 @@ def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) ->
         keep_positions = [pos for pos, n in enumerate(kept) if n not in pruned]
         if keep_positions:
             index = torch.tensor(keep_positions, dtype=torch.long)
-            for path in layout.mlp_inputs:
+            for path in mlp.inputs:
                 keep_outputs(get_module(layer, path), index, path)
-            keep_inputs(get_module(layer, layout.mlp_output), index, layout.mlp_output)
+            if mlp.fused:
+                keep_outputs(get_module(layer, mlp.fused), fused_rows(len(kept), keep_positions), mlp.fused)
+            keep_inputs(get_module(layer, mlp.output), index, mlp.output)
         else:
-            for path in layout.mlp_inputs:
+            for path in (*mlp.inputs, mlp.fused):
+                if not path:
+                    continue
                 module = get_module(layer, path)
                 check_plain(module, path)
                 set_module(layer, path, ZeroWidth(in_width_of(module)))
-            output = get_module(layer, layout.mlp_output)
-            check_plain(output, layout.mlp_output)
-            set_module(layer, layout.mlp_output, BiasOnly(_output_bias(output), out_width_of(output)))
-        owner = get_module(layer, layout.mlp_owner)
+            output = get_module(layer, mlp.output)
+            check_plain(output, mlp.output)
+            set_module(layer, mlp.output, BiasOnly(_output_bias(output), out_width_of(output)))
+        owner = get_module(layer, mlp.owner)
         setattr(owner, NEURONS_ATTR, pruned)
-        if hasattr(owner, "intermediate_size"):
+        if isinstance(getattr(owner, "intermediate_size", None), int):
             owner.intermediate_size = len(keep_positions)
         changed[layer_idx] = len(new)
     if changed:

@@ -136,13 +136,15 @@ class EmptyAttention(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple:
         hidden_states = _hidden_states_of(args, kwargs)
-        _keep_cache_length(self.layer_idx, hidden_states, kwargs)
+        if getattr(self, "keeps_cache", True):
+            _keep_cache_length(self.layer_idx, hidden_states, kwargs)
         out = getattr(self, self.output_name)(hidden_states[..., :0])
         if self.resid_dropout is not None:
             out = self.resid_dropout(out)
         if self.legacy_distilbert and not kwargs.get("output_attentions", False):
             return (out,)
-        return out, None
+        # Forwards that return (output, weights, cache) under some versions (wav2vec2 under 4.x) get as many values.
+        return (out,) + (None,) * (getattr(self, "outputs", 2) - 1)
 
 
 

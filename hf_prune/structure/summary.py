@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 
 from .layout import (
+    attention_sites,
     find_layers,
     group_size_of,
     head_dim_of,
@@ -38,21 +39,27 @@ def structure_summary(model: nn.Module) -> dict:
         in the config re-keys them to original layer indices.
     """
     layout, layers = find_layers(model)
+    sites = attention_sites(model, layers)
     heads_per_layer, kv_per_layer, pruned_heads, sizes, pruned_neurons = [], [], {}, [], {}
     original_heads = original_size = 0
-    for i, layer in enumerate(layers):
-        kept = kept_heads_of(layout, layer)
-        group = group_size_of(layout, layer)
+    for site in sites:
+        spec, layer = site.spec, site.layer
+        kept = kept_heads_of(spec, layer)
+        group = group_size_of(spec, layer)
         heads_per_layer.append(len(kept))
         kv_per_layer.append(len({h // group for h in kept}))
-        original_heads = max(original_heads, len(kept) + len(pruned_heads_of(layout, layer)))
-        if pruned_heads_of(layout, layer):
-            pruned_heads[i] = sorted(pruned_heads_of(layout, layer))
-        kept_neurons = kept_neurons_of(layout, layer)
+        original_heads = max(original_heads, len(kept) + len(pruned_heads_of(spec, layer)))
+        if pruned_heads_of(spec, layer):
+            pruned_heads[site.index] = sorted(pruned_heads_of(spec, layer))
+    for i, layer in enumerate(layers):
+        mlp = layers.layout(i).mlp
+        if mlp is None:
+            continue
+        kept_neurons = kept_neurons_of(mlp, layer)
         sizes.append(len(kept_neurons))
-        original_size = max(original_size, len(kept_neurons) + len(pruned_neurons_of(layout, layer)))
-        if pruned_neurons_of(layout, layer):
-            pruned_neurons[i] = sorted(pruned_neurons_of(layout, layer))
+        original_size = max(original_size, len(kept_neurons) + len(pruned_neurons_of(mlp, layer)))
+        if pruned_neurons_of(mlp, layer):
+            pruned_neurons[i] = sorted(pruned_neurons_of(mlp, layer))
     pruned_hidden = sorted(pruned_hidden_of(model))
     hidden = hidden_size_of(layout, layers)
     norm_elements = next(
@@ -63,13 +70,13 @@ def structure_summary(model: nn.Module) -> dict:
         or (native_prune_heads_available(model, layout) and all(heads_per_layer) and _config_matches(model, pruned_heads))
     )
     return {
-        "architecture": layout.name,
+        "architecture": layers.name,
         "num_layers": len(layers),
         "num_attention_heads": original_heads,
         "heads_per_layer": heads_per_layer,
         "pruned_heads": pruned_heads,
         "key_value_heads_per_layer": kv_per_layer,
-        "head_group_size": max(group_size_of(layout, layer) for layer in layers),
+        "head_group_size": max((group_size_of(s.spec, s.layer) for s in sites), default=1),
         "intermediate_size": original_size,
         "intermediate_sizes": sizes,
         "pruned_neurons": pruned_neurons,
@@ -79,7 +86,7 @@ def structure_summary(model: nn.Module) -> dict:
         "original_hidden_size": hidden + len(pruned_hidden),
         "pruned_hidden": pruned_hidden,
         "norm_elements": norm_elements,
-        "head_dim": head_dim_of(layout, layers[0]),
+        "head_dim": head_dim_of(sites[0].spec, sites[0].layer),
         "parameters": sum(p.numel() for p in model.parameters()),
         "loads_with_from_pretrained": bool(loads_plainly),
     }

@@ -35,6 +35,7 @@ from .layout import (
     HEAD_ADAPTERS,
     HEAD_READERS,
     HIDDEN_ATTR,
+    attention_sites,
     find_layers,
     head_dim_of,
     hidden_layout,
@@ -96,13 +97,15 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
     naming it instead of being left at the old width.
     """
     layout, layers = find_layers(model)
-    spec = hidden_layout(model, layout)
     base = getattr(model, "base_model", model)
     base_path = module_path(model, base)
-    layers_path = module_path(model, layers)
     pruned = pruned_hidden_of(model)
     width = hidden_size_of(layout, layers)
     sites = HiddenSites(width=width, original=width + len(pruned), pruned=pruned)
+    specs = {}
+    for stack in layers.stacks:
+        specs[stack.layout.name] = hidden_layout(model, stack.layout)
+    spec = specs[layout.name]
 
     def required(path: str) -> nn.Module:
         module = _optional(model, path)
@@ -116,23 +119,35 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
             sites.embeddings.append((_join(base_path, path), module))
     if not sites.embeddings or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
         raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
+    for path in spec.writers:
+        module = _optional(model, _join(base_path, path))
+        if module is not None:
+            sites.writers.append((_join(base_path, path), module))
     norm_paths = [_join(base_path, p) for p in spec.norms if _optional(model, _join(base_path, p)) is not None]
-    for i in range(len(layers)):
-        layer_path = _join(layers_path, str(i))
-        norm_paths += [_join(layer_path, p) for p in spec.layer_norms]
-        for path in (layout.query, layout.key, layout.value, layout.fused_qkv, *layout.mlp_inputs):
+    for i, layer in enumerate(layers):
+        stack, position = layers.stack_of(i)
+        layer_spec = specs[stack.layout.name]
+        layer_path = _join(stack.path, str(position))
+        norm_paths += [_join(layer_path, p) for p in layer_spec.layer_norms
+                       if _optional(model, _join(layer_path, p)) is not None]
+        inputs = [p for a in stack.layout.attentions for p in (a.query, a.key, a.value, a.qkv, *a.extra_heads)]
+        mlp = stack.layout.require_mlp()
+        for path in inputs + [*mlp.inputs, mlp.fused]:
             module = _optional(model, _join(layer_path, path)) if path else None
             if module is not None:  # absent when the layer lost all its heads
                 sites.readers.append((_join(layer_path, path), module))
-        for path in (layout.output, layout.mlp_output):
+        outputs = [a.output for a in stack.layout.attentions if a.present(layer)] + [mlp.output]
+        for path in outputs:
             sites.writers.append((_join(layer_path, path), required(_join(layer_path, path))))
-        for spec_attr in spec.layer_size_attrs:
+        for spec_attr in layer_spec.layer_size_attrs:
             path, _, attr = spec_attr.rpartition(".")
             owner = _optional(model, _join(layer_path, path))
-            if owner is not None and hasattr(owner, attr):
+            if owner is not None and isinstance(getattr(owner, attr, None), int):
                 sites.size_attrs.append((owner, attr))
     for path in norm_paths:
         module = required(path)
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue  # a norm switched off (ModernBERT's first attn_norm is an nn.Identity)
         if not _norm_kind(module):
             raise ValueError(f"hf_prune: {path!r} is a {type(module).__name__}, not a LayerNorm or RMSNorm.")
         sites.norms.append((path, module))
@@ -291,6 +306,10 @@ def prune_hidden(model: nn.Module, channels: Iterable[int], exact: bool = False)
     (`n_embd`, `dim`) is updated; Llama-style configs get an explicit `head_dim`, since `hidden_size //
     num_attention_heads` no longer gives it. Reload with `load_pruned`.
     """
+    channels = list(channels)
+    if not channels:
+        # Nothing to remove: no need to know where the hidden size lives (load_pruned calls this for every model).
+        return model
     sites = hidden_sites(model)
     requested = _check_channels(channels, sites.original)
     new = requested - sites.pruned
@@ -307,10 +326,11 @@ def prune_hidden(model: nn.Module, channels: Iterable[int], exact: bool = False)
         if not isinstance(module, (ZeroWidth, BiasOnly)):
             check_plain(module, path)
     layout, layers = find_layers(model)
-    head_dim = head_dim_of(layout, layers[0])
+    site = attention_sites(model, layers)[0]
+    head_dim = head_dim_of(site.spec, site.layer)
     n = len(positions)
     config = getattr(model, "config", None)
-    changes = {"hidden_size": n, **({"head_dim": head_dim} if layout.name == "llama" else {})}
+    changes = {"hidden_size": n, **{key: head_dim for key in hidden_layout(model, layout).config_changes}}
     check_config_change(config, changes, "prune_hidden")
     slicer = _Slicer(torch.tensor(positions, dtype=torch.long))
     for _, module in sites.embeddings:

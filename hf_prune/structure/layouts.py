@@ -1,0 +1,277 @@
+"""The built-in family table: one `register_layout` per layer layout, tried in this order.
+
+A layout matches by the module paths it names (and, where two families share paths but differ in behaviour, by the
+layer's class name), never by `config.model_type`, so every family that builds its layers the same way is covered
+by one entry: the `bert` layout covers BERT, RoBERTa, XLM-R, ELECTRA, CamemBERT and more; `llama` covers Llama,
+Mistral, Qwen2, Qwen3 (per-head q/k norms act on `head_dim` and are shared by the heads) and their relatives.
+To reach a family this table does not know, register a `Layout` of its own (see README, "Every architecture").
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layout import AttentionLayout, HiddenLayout, Layout, MlpLayout, register_layout
+from .standins import TRANSFORMERS_MAJOR
+
+_LLAMA_ATTENTION = AttentionLayout(
+    owner="self_attn", core="self_attn", output="self_attn.o_proj",
+    query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+)
+_LLAMA_HIDDEN = HiddenLayout(
+    embeddings=("embed_tokens",),
+    norms=("norm",),
+    layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    layer_size_attrs=(".hidden_size", "mlp.hidden_size"),
+    # hidden_size // num_attention_heads no longer gives the head size once the hidden size changes.
+    config_changes=("head_dim",),
+)
+_BART_ATTENTION = AttentionLayout(
+    owner="self_attn", core="self_attn", output="self_attn.out_proj",
+    query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+    width_attrs=("all_head_size", "inner_dim", "embed_dim"),
+)
+_BART_CROSS_ATTENTION = AttentionLayout(
+    owner="encoder_attn", core="encoder_attn", output="encoder_attn.out_proj",
+    query="encoder_attn.q_proj", key="encoder_attn.k_proj", value="encoder_attn.v_proj",
+    width_attrs=("all_head_size", "inner_dim", "embed_dim"), optional=True, cross=True,
+)
+_BERT_MLP = MlpLayout(owner="intermediate", inputs=("intermediate.dense",), output="output.dense",
+                      activation="intermediate.intermediate_act_fn")
+
+
+def _falcon_packing(core: nn.Module) -> str:
+    # Falcon's multi-query layout is [queries | one key | one value]; the others group each key/value head with
+    # its queries ([q..., k, v] per group, single heads when there is no grouping).
+    if getattr(core, "new_decoder_architecture", False) or not getattr(core, "multi_query", False):
+        return "per_group"
+    return "blocks"
+
+
+LAYOUTS = (
+    Layout(
+        name="bert",
+        families="BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention.self", output="attention.output.dense",
+            query="attention.self.query", key="attention.self.key", value="attention.self.value",
+        ),),
+        mlp=_BERT_MLP,
+        hidden=HiddenLayout(
+            embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings",
+                        "embeddings.token_type_embeddings"),
+            writers=("embeddings_project",),  # ELECTRA with embedding_size != hidden_size
+            norms=("embeddings.LayerNorm",),
+            layer_norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        ),
+        native_capable=True,
+    ),
+    Layout(
+        name="deberta",
+        families="DeBERTa-v2, DeBERTa-v3",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention.self", output="attention.output.dense",
+            query="attention.self.query_proj", key="attention.self.key_proj", value="attention.self.value_proj",
+            # Disentangled attention without shared keys projects the relative embeddings per head too.
+            extra_heads=("attention.self.pos_key_proj", "attention.self.pos_query_proj"),
+        ),),
+        mlp=_BERT_MLP,
+        hidden=HiddenLayout(
+            embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings",
+                        "embeddings.token_type_embeddings", "encoder.rel_embeddings"),
+            writers=("embeddings.embed_proj",),
+            norms=("embeddings.LayerNorm", "encoder.LayerNorm"),
+            layer_norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        ),
+    ),
+    Layout(
+        name="vit",
+        families="ViT, DeiT (Transformers 4.x module names)",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention.attention", output="attention.output.dense",
+            query="attention.attention.query", key="attention.attention.key", value="attention.attention.value",
+        ),),
+        mlp=_BERT_MLP,
+    ),
+    Layout(
+        name="vit-proj",
+        families="ViT (Transformers 5.x module names)",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention", output="attention.o_proj",
+            query="attention.q_proj", key="attention.k_proj", value="attention.v_proj",
+        ),),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.fc1",), output="mlp.fc2", activation="mlp.activation_fn"),
+    ),
+    Layout(
+        name="mpnet",
+        families="MPNet",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention.attn", output="attention.attn.o",
+            query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
+            head_inputs=("position_bias",),
+        ),),
+        mlp=_BERT_MLP,
+    ),
+    Layout(
+        name="distilbert",
+        families="DistilBERT",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention", output="attention.out_lin",
+            query="attention.q_lin", key="attention.k_lin", value="attention.v_lin",
+            width_attrs=("dim",),
+        ),),
+        mlp=MlpLayout(owner="ffn", inputs=("ffn.lin1",), output="ffn.lin2", activation="ffn.activation"),
+        hidden=HiddenLayout(
+            embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings"),
+            norms=("embeddings.LayerNorm",),
+            layer_norms=("sa_layer_norm", "output_layer_norm"),
+        ),
+        native_capable=True,
+    ),
+    Layout(
+        name="albert",
+        families="ALBERT",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention", output="attention.dense",
+            query="attention.query", key="attention.key", value="attention.value",
+        ),),
+        mlp=MlpLayout(owner="", inputs=("ffn",), output="ffn_output", activation="activation"),
+        refuse=("ALBERT shares one layer's weights across all its layers (albert_layer_groups), so removing a head "
+                "or neuron would remove it from every layer at once, and its per-layer numbering does not exist; "
+                "prune it with unstructured or N:M patterns (PruningConfig) instead."),
+    ),
+    Layout(
+        name="modernbert",
+        families="ModernBERT",
+        attentions=(AttentionLayout(owner="attn", core="attn", output="attn.Wo", qkv="attn.Wqkv"),),
+        mlp=MlpLayout(owner="mlp", fused="mlp.Wi", output="mlp.Wo", activation="mlp.act", gated=True),
+        hidden=HiddenLayout(
+            embeddings=("embeddings.tok_embeddings",),
+            norms=("embeddings.norm", "final_norm"),
+            layer_norms=("attn_norm", "mlp_norm"),
+        ),
+    ),
+    Layout(
+        name="gpt2",
+        families="GPT-2",
+        attentions=(AttentionLayout(
+            owner="attn", core="attn", output="attn.c_proj", qkv="attn.c_attn", width_attrs=("split_size",),
+        ),),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.c_fc",), output="mlp.c_proj", activation="mlp.act"),
+        hidden=HiddenLayout(
+            embeddings=("wte", "wpe"), norms=("ln_f",), layer_norms=("ln_1", "ln_2"),
+            size_attrs=(".embed_dim",), layer_size_attrs=("attn.embed_dim",),
+        ),
+        native_capable=True,
+    ),
+    Layout(
+        name="gemma",
+        families="Gemma, Gemma-2",
+        layer_class=r"Gemma\d*DecoderLayer",
+        attentions=(_LLAMA_ATTENTION,),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj",
+                      activation="mlp.act_fn", gated=True),
+        hidden=HiddenLayout(
+            embeddings=("embed_tokens",),
+            refuse=("Gemma multiplies the embeddings by sqrt(config.hidden_size) in its forward, so a narrower hidden "
+                    "size would rescale every token; heads, key/value groups, neurons and layers are supported"),
+        ),
+    ),
+    Layout(
+        name="llama",
+        families="Llama, Mistral, Qwen2, Qwen3, SmolLM",
+        attentions=(_LLAMA_ATTENTION,),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj",
+                      activation="mlp.act_fn", gated=True),
+        hidden=_LLAMA_HIDDEN,
+    ),
+    Layout(
+        name="phi3",
+        families="Phi-3, Phi-4",
+        attentions=(AttentionLayout(
+            owner="self_attn", core="self_attn", output="self_attn.o_proj", qkv="self_attn.qkv_proj",
+            config_counts=(("num_attention_heads", "heads"), ("num_key_value_heads", "kv")),
+        ),),
+        mlp=MlpLayout(owner="mlp", fused="mlp.gate_up_proj", output="mlp.down_proj", activation="mlp.activation_fn",
+                      gated=True),
+        hidden=_LLAMA_HIDDEN,
+    ),
+    Layout(
+        name="gpt_neox",
+        families="GPT-NeoX, Pythia",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention", output="attention.dense", qkv="attention.query_key_value",
+            qkv_packing="per_group",
+        ),),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.dense_h_to_4h",), output="mlp.dense_4h_to_h", activation="mlp.act"),
+        hidden=HiddenLayout(
+            embeddings=("embed_in",), norms=("final_layer_norm",),
+            layer_norms=("input_layernorm", "post_attention_layernorm"),
+        ),
+    ),
+    Layout(
+        name="falcon",
+        families="Falcon",
+        attentions=(AttentionLayout(
+            owner="self_attention", core="self_attention", output="self_attention.dense",
+            qkv="self_attention.query_key_value", qkv_packing=_falcon_packing, width_attrs=("split_size",),
+        ),),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.dense_h_to_4h",), output="mlp.dense_4h_to_h", activation="mlp.act"),
+        hidden=HiddenLayout(
+            embeddings=("word_embeddings",), norms=("ln_f",),
+            layer_norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
+            layer_size_attrs=("self_attention.hidden_size",),
+        ),
+    ),
+    Layout(
+        name="bart",
+        families="BART, mBART, Marian, Pegasus, Whisper, OPT",
+        attentions=(_BART_ATTENTION, _BART_CROSS_ATTENTION),
+        mlp=MlpLayout(owner="", inputs=("fc1",), output="fc2", activation="activation_fn"),
+        hidden=HiddenLayout(
+            embeddings=("embed_tokens", "decoder.embed_tokens", "decoder.embed_positions"),
+            writers=("decoder.project_in",),
+            norms=("decoder.final_layer_norm",),
+            layer_norms=("self_attn_layer_norm", "final_layer_norm"),
+            layer_size_attrs=(".embed_dim",),
+        ),
+    ),
+    Layout(
+        name="wav2vec2",
+        families="wav2vec2, HuBERT",
+        attentions=(AttentionLayout(
+            owner="attention", core="attention", output="attention.out_proj",
+            query="attention.q_proj", key="attention.k_proj", value="attention.v_proj",
+            width_attrs=("all_head_size", "inner_dim", "embed_dim"),
+            outputs=3 if TRANSFORMERS_MAJOR < 5 else 2,  # 4.x returns (output, weights, cache)
+        ),),
+        mlp=MlpLayout(owner="feed_forward", inputs=("feed_forward.intermediate_dense",),
+                      output="feed_forward.output_dense", activation="feed_forward.intermediate_act_fn"),
+    ),
+    Layout(
+        name="moe",
+        families="Mixtral, Qwen2-MoE (Transformers 5.x fused experts)",
+        requires=("mlp.experts",),
+        # Qwen2-MoE under 4.x reshapes the heads' output with the attention's own `hidden_size`.
+        attentions=(AttentionLayout(
+            owner="self_attn", core="self_attn", output="self_attn.o_proj", query="self_attn.q_proj",
+            key="self_attn.k_proj", value="self_attn.v_proj", width_attrs=("all_head_size", "hidden_size"),
+        ),),
+        mlp=None,
+        mlp_note="neurons inside experts and whole experts are not removed yet; heads, key/value groups and "
+                 "layers are",
+    ),
+    Layout(
+        name="mixtral",
+        families="Mixtral (Transformers 4.x expert modules)",
+        requires=("block_sparse_moe.experts",),
+        attentions=(_LLAMA_ATTENTION,),
+        mlp=None,
+        mlp_note="neurons inside experts and whole experts are not removed yet; heads, key/value groups and "
+                 "layers are",
+    ),
+)
+
+for _layout in LAYOUTS:
+    register_layout(_layout)

@@ -1,0 +1,240 @@
+"""Every registered family, on tiny random models built from configs: heads (whole key/value groups where grouped, and
+one attention block emptied) and FFN neurons removed after their output columns were zeroed give the same outputs,
+and the model saved with plain `save_pretrained` reloads with `load_pruned` to the same outputs.
+
+A family is tested on each Transformers major that has it; what a family cannot do is asserted as a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from conftest import spread_weights
+
+import hf_prune
+from hf_prune.linear import is_conv1d
+from hf_prune.structure import attention_sites, find_layers, structure_summary
+from hf_prune.structure.layout import get_module, group_size_of, head_dim_of, kept_heads_of
+
+MAJOR = int(transformers.__version__.split(".")[0])
+TEXT = dict(vocab_size=99, pad_token_id=0, max_position_embeddings=64)
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **TEXT)
+DECODER = dict(ENCODER, num_key_value_heads=2)
+SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=99, pad_token_id=1, max_position_embeddings=64,
+               decoder_start_token_id=2)
+
+# family -> (config class name, config kwargs, model class name, input kind)
+FAMILIES = {
+    "bert": ("BertConfig", ENCODER, "BertForSequenceClassification", "text"),
+    "roberta": ("RobertaConfig", dict(ENCODER, pad_token_id=1, max_position_embeddings=72),
+                "RobertaForSequenceClassification", "text"),
+    "xlm-roberta": ("XLMRobertaConfig", dict(ENCODER, pad_token_id=1, max_position_embeddings=72),
+                    "XLMRobertaForSequenceClassification", "text"),
+    "electra": ("ElectraConfig", dict(ENCODER, embedding_size=16), "ElectraForSequenceClassification", "text"),
+    "deberta-v2": ("DebertaV2Config", dict(ENCODER, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                           position_buckets=8, share_att_key=False),
+                   "DebertaV2ForSequenceClassification", "text"),
+    "deberta-v3": ("DebertaV2Config", dict(ENCODER, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                           position_buckets=8, share_att_key=True, norm_rel_ebd="layer_norm"),
+                   "DebertaV2ForSequenceClassification", "text"),
+    "modernbert": ("ModernBertConfig", dict(ENCODER, global_attn_every_n_layers=2, local_attention=8),
+                   "ModernBertForSequenceClassification", "text"),
+    "mpnet": ("MPNetConfig", dict(ENCODER, pad_token_id=1, max_position_embeddings=72),
+              "MPNetForSequenceClassification", "text"),
+    "distilbert": ("DistilBertConfig", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **TEXT),
+                   "DistilBertForSequenceClassification", "text"),
+    "vit": ("ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                              image_size=16, patch_size=8), "ViTForImageClassification", "image"),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_inner=37, vocab_size=99, n_positions=64),
+             "GPT2LMHeadModel", "text"),
+    "llama": ("LlamaConfig", DECODER, "LlamaForCausalLM", "text"),
+    "mistral": ("MistralConfig", DECODER, "MistralForCausalLM", "text"),
+    "qwen2": ("Qwen2Config", DECODER, "Qwen2ForCausalLM", "text"),
+    "qwen3": ("Qwen3Config", dict(DECODER, head_dim=8), "Qwen3ForCausalLM", "text"),
+    "gemma": ("GemmaConfig", dict(DECODER, head_dim=8), "GemmaForCausalLM", "text"),
+    "gemma2": ("Gemma2Config", dict(DECODER, head_dim=8), "Gemma2ForCausalLM", "text"),
+    "phi3": ("Phi3Config", DECODER, "Phi3ForCausalLM", "text"),
+    "gpt_neox": ("GPTNeoXConfig", ENCODER, "GPTNeoXForCausalLM", "text"),
+    "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                                    new_decoder_architecture=True, vocab_size=99), "FalconForCausalLM", "text"),
+    "falcon-mha": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+                                        vocab_size=99), "FalconForCausalLM", "text"),
+    "opt": ("OPTConfig", dict(ENCODER, ffn_dim=37, word_embed_proj_dim=32), "OPTForCausalLM", "text"),
+    # Sizes in multiples of 4 elements: the fused expert kernels of Transformers 5 want 16-byte strides.
+    "mixtral": ("MixtralConfig", dict(DECODER, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
+                "MixtralForCausalLM", "text"),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
+                                         shared_expert_intermediate_size=16), "Qwen2MoeForCausalLM", "text"),
+    "bart": ("BartConfig", SEQ2SEQ, "BartForConditionalGeneration", "seq2seq"),
+    "whisper": ("WhisperConfig", dict(SEQ2SEQ, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+                                      decoder_start_token_id=2, suppress_tokens=None, begin_suppress_tokens=None),
+                "WhisperForConditionalGeneration", "speech"),
+    "wav2vec2": ("Wav2Vec2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=37, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                        num_feat_extract_layers=2, num_conv_pos_embeddings=16, vocab_size=20),
+                 "Wav2Vec2ForCTC", "audio"),
+}
+
+
+def build(family: str, seed: int = 0):
+    config_name, kwargs, model_name, _ = FAMILIES[family]
+    if not hasattr(transformers, config_name) or not hasattr(transformers, model_name):
+        pytest.skip(f"{family} is not in Transformers {transformers.__version__}")
+    config = getattr(transformers, config_name)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    return spread_weights(model).eval()
+
+
+def inputs(family: str, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    kind = FAMILIES[family][3]
+    if kind == "image":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=generator)}
+    if kind == "audio":
+        return {"input_values": torch.randn(2, 400, generator=generator)}
+    ids = torch.randint(3, 99, (2, 7), generator=generator)
+    if kind == "speech":
+        return {"input_features": torch.randn(2, 16, 32, generator=generator), "decoder_input_ids": ids}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "seq2seq":
+        batch["decoder_input_ids"] = ids.flip(1)
+    return batch
+
+
+@torch.no_grad()
+def outputs(model, batch) -> torch.Tensor:
+    return model(**batch).logits.double()
+
+
+def zero_columns(module, columns: list[int]) -> None:
+    weight = module.weight
+    with torch.no_grad():
+        if is_conv1d(module):
+            weight[columns, :] = 0
+        else:
+            weight[:, columns] = 0
+
+
+def plan(model) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """One key/value group per attention block (its heads' output columns zeroed), every head of the last block, and
+    two FFN neurons per layer (their down-projection columns zeroed)."""
+    heads: dict[int, list[int]] = {}
+    sites = attention_sites(model)
+    for site in sites:
+        kept = kept_heads_of(site.spec, site.layer)
+        group = group_size_of(site.spec, site.layer)
+        if site.index == len(sites) - 1:
+            chosen = kept
+        elif len(kept) > group:
+            g = site.index % (len(kept) // group)
+            chosen = kept[g * group:(g + 1) * group]
+        else:
+            continue
+        head_dim = head_dim_of(site.spec, site.layer)
+        columns = [c for h in chosen for c in range(h * head_dim, (h + 1) * head_dim)]
+        zero_columns(get_module(site.layer, site.spec.output), columns)
+        heads[site.index] = chosen
+    neurons: dict[int, list[int]] = {}
+    _, layers = find_layers(model)
+    for i, layer in enumerate(layers):
+        mlp = layers.layout(i).mlp
+        if mlp is None:
+            continue
+        chosen = [1, 5 + i]
+        zero_columns(get_module(layer, mlp.output), chosen)
+        neurons[i] = chosen
+    return heads, neurons
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_removal_is_exact_and_the_saved_model_reloads(family, tmp_path):
+    model = build(family)
+    batch = inputs(family)
+    heads, neurons = plan(model)
+    expected = outputs(model, batch)
+    params = sum(p.numel() for p in model.parameters())
+
+    hf_prune.prune_heads(model, heads)
+    if neurons:
+        hf_prune.prune_ffn_neurons(model, neurons)
+    assert sum(p.numel() for p in model.parameters()) < params
+    torch.testing.assert_close(outputs(model, batch), expected, atol=1e-5, rtol=1e-5)
+    summary = structure_summary(model)
+    assert summary["pruned_heads"] == {k: sorted(v) for k, v in heads.items()}
+    assert summary["pruned_neurons"] == {k: sorted(v) for k, v in neurons.items()}
+
+    model.save_pretrained(tmp_path)  # plain save_pretrained: the structure travels in config.json
+    reloaded = hf_prune.load_pruned(str(tmp_path), attn_implementation="eager")
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+    assert structure_summary(reloaded)["heads_per_layer"] == summary["heads_per_layer"]
+
+
+@pytest.mark.parametrize("family", ["electra", "qwen3", "gemma2"])
+def test_regression_a_family_without_width_support_reloads_after_head_and_neuron_removal(family, tmp_path):
+    """The saved model was refused by load_pruned because a width allow-list was consulted with no width removed."""
+    model = build(family)
+    hf_prune.prune_heads(model, {0: list(range(group_size_of(attention_sites(model)[0].spec,
+                                                             attention_sites(model)[0].layer)))})
+    hf_prune.prune_ffn_neurons(model, {1: [0, 3]})
+    batch = inputs(family)
+    expected = outputs(model, batch)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(outputs(hf_prune.load_pruned(str(tmp_path), attn_implementation="eager"), batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_albert_is_refused_with_the_reason():
+    model = transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        vocab_size=99))
+    with pytest.raises(ValueError, match="ALBERT shares one layer's weights"):
+        hf_prune.prune_heads(model, {0: [1]})
+
+
+def test_an_unknown_family_names_what_was_found_and_how_to_register():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer = torch.nn.Linear(8, 8)
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(), Block()])
+    with pytest.raises(ValueError, match=r"'blocks'.*Block layers.*mixer.*register_layout"):
+        hf_prune.prune_heads(model, {0: [0]})
+
+
+def test_moe_neurons_say_what_is_supported():
+    model = build("mixtral")
+    with pytest.raises(ValueError, match="FFN neuron removal is not available.*experts"):
+        hf_prune.prune_ffn_neurons(model, {0: [1]})
+
+
+def test_a_registered_layout_reaches_a_new_family():
+    """A family the table does not know becomes prunable with one registration (GPT-2's blocks renamed)."""
+    from hf_prune.structure import AttentionLayout, Layout, MlpLayout, register_layout, unregister_layout
+
+    model = build("gpt2")
+    for block in model.transformer.h:
+        block.mixer = block.attn
+        del block.attn
+    reference = copy.deepcopy(model)
+    layout = Layout(
+        name="renamed-gpt2",
+        attentions=(AttentionLayout(owner="mixer", core="mixer", output="mixer.c_proj", qkv="mixer.c_attn",
+                                    width_attrs=("split_size",)),),
+        mlp=MlpLayout(owner="mlp", inputs=("mlp.c_fc",), output="mlp.c_proj", activation="mlp.act"),
+    )
+    register_layout(layout)
+    try:
+        hf_prune.prune_heads(model, {1: [2]})
+        assert find_layers(model)[0].name == "renamed-gpt2"
+        assert model.transformer.h[1].mixer.c_proj.weight.shape[0] == 3 * 8
+    finally:
+        unregister_layout("renamed-gpt2")
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in reference.parameters())
