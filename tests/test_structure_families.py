@@ -238,3 +238,103 @@ def test_a_registered_layout_reaches_a_new_family():
     finally:
         unregister_layout("renamed-gpt2")
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in reference.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ the other axes
+SINGLE_STACK = [f for f in sorted(FAMILIES) if FAMILIES[f][3] not in ("seq2seq", "speech")]
+DECODERS = [f for f in sorted(FAMILIES) if FAMILIES[f][2].endswith(("CausalLM", "LMHeadModel"))]
+# Families whose hidden size (width) hf_prune removes; the others refuse with the reason, tested below.
+WIDTH = ["bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
+
+
+@pytest.mark.parametrize("family", SINGLE_STACK)
+def test_layers_removed_reload_and_the_rest_of_the_model_is_untouched(family, tmp_path):
+    model = build(family)
+    batch = inputs(family)
+    _, layers = find_layers(model)
+    kept_layer = copy.deepcopy(layers[1].state_dict())
+    hf_prune.prune_layers(model, [0])
+    _, layers = find_layers(model)
+    assert len(layers) == 1
+    for name, tensor in layers[0].state_dict().items():
+        torch.testing.assert_close(tensor, kept_layer[name], atol=0, rtol=0)
+    expected = outputs(model, batch)
+    model.save_pretrained(tmp_path)
+    reloaded = hf_prune.load_pruned(str(tmp_path), attn_implementation="eager")
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", WIDTH)
+def test_zeroed_hidden_channels_removed_exactly_and_reloaded(family, tmp_path):
+    model = build(family)
+    batch = inputs(family)
+    hf_prune.zero_hidden_channels(model, [1, 7, 30, 31])
+    expected = outputs(model, batch)
+    hf_prune.prune_hidden(model, [1, 7, 30, 31], exact=True)
+    assert model.config.hidden_size == 28
+    torch.testing.assert_close(outputs(model, batch), expected, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = hf_prune.load_pruned(str(tmp_path), attn_implementation="eager")
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(WIDTH)))
+def test_width_pruning_elsewhere_is_refused_with_a_reason(family):
+    model = build(family)
+    with pytest.raises(ValueError, match="width pruning"):
+        hf_prune.prune_hidden(model, [1, 7])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_importance_scores_every_unit_and_empty_structures_are_found(family):
+    model = build(family)
+    batch = inputs(family)
+    sites = attention_sites(model)
+    heads = hf_prune.compute_head_importance(model, [batch], method="activation", progress=False)
+    assert heads.shape[0] == len(sites) and bool((heads > 0).any())
+    heads_plan, neurons_plan = plan(model)
+    last = len(sites) - 1
+    found = hf_prune.remove_empty_structures(model)
+    # Zeroed output columns are exactly what remove_empty_structures looks for.
+    assert found["heads"] == {k: sorted(v) for k, v in heads_plan.items()}
+    assert found["neurons"] == {k: sorted(v) for k, v in neurons_plan.items()}
+    assert structure_summary(model)["heads_per_layer"][last] == 0
+    if neurons_plan:
+        neurons = hf_prune.compute_neuron_importance(model, [batch], method="activation", progress=False)
+        assert all(float(neurons[layer][unit]) == 0 for layer, units in neurons_plan.items() for unit in units)
+
+
+@pytest.mark.parametrize("family", DECODERS + ["bart"])
+def test_generate_with_the_key_value_cache_after_removal(family, tmp_path):
+    model = build(family)
+    prompt = inputs(family)["input_ids"][:1]
+    plan(model)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **kwargs)
+    heads, neurons = plan(model)
+    hf_prune.prune_heads(model, heads)
+    if neurons:
+        hf_prune.prune_ffn_neurons(model, neurons)
+    assert torch.equal(model.generate(prompt, **kwargs), expected)
+    model.save_pretrained(tmp_path)
+    reloaded = hf_prune.load_pruned(str(tmp_path), attn_implementation="eager")
+    assert torch.equal(reloaded.generate(prompt, **kwargs), expected)
+
+
+@pytest.mark.parametrize("task", ["TokenClassification", "QuestionAnswering", "MaskedLM"])
+def test_task_heads_beyond_sequence_classification_survive_removal_and_reload(task, tmp_path):
+    config = transformers.BertConfig(**ENCODER)
+    torch.manual_seed(0)
+    model = spread_weights(getattr(transformers, f"BertFor{task}")(config)).eval()
+    batch = inputs("bert")
+    first = lambda m: (m(**batch)[0]).double()  # noqa: E731 (logits or start logits)
+    heads, neurons = plan(model)
+    with torch.no_grad():
+        expected = first(model)
+        hf_prune.prune_heads(model, heads)
+        hf_prune.prune_ffn_neurons(model, neurons)
+        hf_prune.prune_layers(model, [1])
+        torch.testing.assert_close(first(model).shape, expected.shape)
+        expected = first(model)
+        model.save_pretrained(tmp_path)
+        torch.testing.assert_close(first(hf_prune.load_pruned(str(tmp_path))), expected, atol=1e-5, rtol=1e-5)

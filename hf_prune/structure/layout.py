@@ -538,9 +538,10 @@ def hidden_size_of(layout: Layout, layers: Sequence[nn.Module]) -> int:
 # An adapter maps the hidden states into a space of its own (pooled, pre-classifier): its inputs are the residual
 # stream, its outputs are not, so what reads them ("classifier" after an adapter) keeps its shape.
 BASE_ADAPTERS = ("pooler.dense",)
-HEAD_ADAPTERS = ("classifier.dense", "pre_classifier")
+HEAD_ADAPTERS = ("classifier.dense", "pre_classifier", "pooler.dense", "head.dense")  # DeBERTa, ModernBERT
 HEAD_READERS = ("qa_outputs", "score", "lm_head", "embed_out")
-ADAPTED_READERS = ("classifier", "classifier.out_proj")  # read an adapter's output when there is one
+# Read an adapter's output when there is one (ModernBERT normalises it first).
+ADAPTED_READERS = ("classifier", "classifier.out_proj", "head.norm")
 
 
 def hidden_layout(model: nn.Module, layout: Layout) -> HiddenLayout:

@@ -41,6 +41,13 @@ _BERT_MLP = MlpLayout(owner="intermediate", inputs=("intermediate.dense",), outp
                       activation="intermediate.intermediate_act_fn")
 
 
+_HEAD_SIZE_FROM_HIDDEN = (
+    "its config has no head_dim field: the model derives the head size from hidden_size // num_attention_heads, so "
+    "a narrower hidden size would rebuild narrower heads at load; heads, key/value groups, neurons and layers are "
+    "supported"
+)
+
+
 def _falcon_packing(core: nn.Module) -> str:
     # Falcon's multi-query layout is [queries | one key | one value]; the others group each key/value head with
     # its queries ([q..., k, v] per group, single heads when there is no grouping).
@@ -206,8 +213,8 @@ LAYOUTS = (
         ),),
         mlp=MlpLayout(owner="mlp", inputs=("mlp.dense_h_to_4h",), output="mlp.dense_4h_to_h", activation="mlp.act"),
         hidden=HiddenLayout(
-            embeddings=("embed_in",), norms=("final_layer_norm",),
-            layer_norms=("input_layernorm", "post_attention_layernorm"),
+            embeddings=("embed_in",),
+            refuse=_HEAD_SIZE_FROM_HIDDEN,
         ),
     ),
     Layout(
@@ -218,11 +225,7 @@ LAYOUTS = (
             qkv="self_attention.query_key_value", qkv_packing=_falcon_packing, width_attrs=("split_size",),
         ),),
         mlp=MlpLayout(owner="mlp", inputs=("mlp.dense_h_to_4h",), output="mlp.dense_4h_to_h", activation="mlp.act"),
-        hidden=HiddenLayout(
-            embeddings=("word_embeddings",), norms=("ln_f",),
-            layer_norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
-            layer_size_attrs=("self_attention.hidden_size",),
-        ),
+        hidden=HiddenLayout(embeddings=("word_embeddings",), refuse=_HEAD_SIZE_FROM_HIDDEN),
     ),
     Layout(
         name="bart",

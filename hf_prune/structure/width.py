@@ -113,17 +113,22 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
             raise ValueError(f"hf_prune: width pruning expected a module at {path!r} in {type(model).__name__}.")
         return module
 
+    # ELECTRA and DeBERTa with embedding_size != hidden_size embed in a space of their own and project it onto the
+    # stream: tables and norms of another width are not on the stream.
     for path in spec.embeddings:
         module = _optional(model, _join(base_path, path))
-        if module is not None:
+        if module is not None and getattr(module, "embedding_dim", width) == width:
             sites.embeddings.append((_join(base_path, path), module))
-    if not sites.embeddings or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
-        raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
     for path in spec.writers:
         module = _optional(model, _join(base_path, path))
         if module is not None:
             sites.writers.append((_join(base_path, path), module))
-    norm_paths = [_join(base_path, p) for p in spec.norms if _optional(model, _join(base_path, p)) is not None]
+    projected = bool(sites.writers)
+    if not (sites.embeddings or projected) or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
+        raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
+    norm_paths = [_join(base_path, p) for p in spec.norms
+                  if (m := _optional(model, _join(base_path, p))) is not None
+                  and getattr(getattr(m, "weight", None), "shape", (width,))[0] == width]
     for i, layer in enumerate(layers):
         stack, position = layers.stack_of(i)
         layer_spec = specs[stack.layout.name]
