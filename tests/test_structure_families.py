@@ -26,6 +26,8 @@ DECODER = dict(ENCODER, num_key_value_heads=2)
 SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=99, pad_token_id=1, max_position_embeddings=64,
                decoder_start_token_id=2)
+T5 = dict(d_model=32, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=99,
+          pad_token_id=0, decoder_start_token_id=0)
 
 # family -> (config class name, config kwargs, model class name, input kind)
 FAMILIES = {
@@ -70,6 +72,8 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
                                          shared_expert_intermediate_size=16), "Qwen2MoeForCausalLM", "text"),
     "bart": ("BartConfig", SEQ2SEQ, "BartForConditionalGeneration", "seq2seq"),
+    "t5": ("T5Config", T5, "T5ForConditionalGeneration", "seq2seq"),
+    "t5-gated": ("T5Config", dict(T5, feed_forward_proj="gated-gelu"), "T5ForConditionalGeneration", "seq2seq"),
     "whisper": ("WhisperConfig", dict(SEQ2SEQ, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
                                       decoder_start_token_id=2, suppress_tokens=None, begin_suppress_tokens=None),
                 "WhisperForConditionalGeneration", "speech"),
@@ -127,6 +131,8 @@ def plan(model) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     heads: dict[int, list[int]] = {}
     sites = attention_sites(model)
     for site in sites:
+        if site.spec.heads_note:
+            continue  # T5: heads cannot be removed (asserted below), neurons can
         kept = kept_heads_of(site.spec, site.layer)
         group = group_size_of(site.spec, site.layer)
         if site.index == len(sites) - 1:
@@ -207,6 +213,12 @@ def test_an_unknown_family_names_what_was_found_and_how_to_register():
     model.blocks = torch.nn.ModuleList([Block(), Block()])
     with pytest.raises(ValueError, match=r"'blocks'.*Block layers.*mixer.*register_layout"):
         hf_prune.prune_heads(model, {0: [0]})
+
+
+def test_t5_heads_are_refused_with_the_reason():
+    model = build("t5")
+    with pytest.raises(ValueError, match="relative position bias"):
+        hf_prune.prune_heads(model, {0: [1]})
 
 
 def test_moe_neurons_say_what_is_supported():
@@ -298,13 +310,14 @@ def test_importance_scores_every_unit_and_empty_structures_are_found(family):
     # Zeroed output columns are exactly what remove_empty_structures looks for.
     assert found["heads"] == {k: sorted(v) for k, v in heads_plan.items()}
     assert found["neurons"] == {k: sorted(v) for k, v in neurons_plan.items()}
-    assert structure_summary(model)["heads_per_layer"][last] == 0
+    if heads_plan:
+        assert structure_summary(model)["heads_per_layer"][last] == 0
     if neurons_plan:
         neurons = hf_prune.compute_neuron_importance(model, [batch], method="activation", progress=False)
         assert all(float(neurons[layer][unit]) == 0 for layer, units in neurons_plan.items() for unit in units)
 
 
-@pytest.mark.parametrize("family", DECODERS + ["bart"])
+@pytest.mark.parametrize("family", DECODERS + ["bart", "t5"])
 def test_generate_with_the_key_value_cache_after_removal(family, tmp_path):
     model = build(family)
     prompt = inputs(family)["input_ids"][:1]
@@ -338,3 +351,42 @@ def test_task_heads_beyond_sequence_classification_survive_removal_and_reload(ta
         expected = first(model)
         model.save_pretrained(tmp_path)
         torch.testing.assert_close(first(hf_prune.load_pruned(str(tmp_path))), expected, atol=1e-5, rtol=1e-5)
+
+
+def with_labels(family: str, batch: dict) -> dict:
+    model_name, kind = FAMILIES[family][2], FAMILIES[family][3]
+    if model_name.endswith(("CausalLM", "LMHeadModel")):
+        return {**batch, "labels": batch["input_ids"]}
+    if kind in ("seq2seq", "speech"):
+        return {**batch, "labels": batch["decoder_input_ids"]}
+    if kind == "audio":
+        return {**batch, "labels": torch.randint(1, 20, (2, 5), generator=torch.Generator().manual_seed(0))}
+    return {**batch, "labels": torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(family):
+    """What PruningTrainer runs: Taylor scores from a real backward pass, masks, then physical removal."""
+    from hf_prune import PruningConfig, Pruner
+
+    model = build(family)
+    batch = with_labels(family, inputs(family))
+    has_mlp = all(find_layers(model)[1].layout(i).mlp is not None for i in range(len(find_layers(model)[1])))
+    heads = not attention_sites(model)[0].spec.heads_note
+    config = PruningConfig(target_sparsity=0.0, head_sparsity=0.25 if heads else 0.0,
+                           neuron_sparsity=0.25 if has_mlp else 0.0,
+                           warmup_fraction=0.0, cooldown_fraction=0.0)
+    pruner = Pruner(model, config)
+    pruner.start(total_steps=1)
+    model.train()
+    model(**batch).loss.backward()
+    pruner.before_optimizer_step()
+    pruner.update(1)
+    model.eval()
+    plain = {k: v for k, v in batch.items() if k != "labels"}
+    masked = outputs(model, plain)
+    heads_before = sum(structure_summary(model)["heads_per_layer"])
+    removed = pruner.finish()
+    assert sum(map(len, removed["heads"].values())) == (heads_before // 4 if heads else 0)
+    assert sum(map(len, removed["neurons"].values())) > 0 or not has_mlp
+    torch.testing.assert_close(outputs(model, plain), masked, atol=1e-5, rtol=1e-5)

@@ -94,6 +94,7 @@ class AttentionLayout:
     width_attrs: tuple[str, ...] = ("all_head_size", "inner_dim")  # heads * head_dim, set where present
     kv_count_attrs: tuple[str, ...] = ("num_key_value_heads", "num_kv_heads")  # set where present
     optional: bool = False  # absent from some layers (a cross-attention that only decoder layers have)
+    heads_note: str = ""  # why heads cannot be removed from this block ("" when they can)
     outputs: int = 2  # values the core's forward returns (output, weights[, cache]); a stand-in returns as many
     cross: bool = False  # attends to another stack's states: its key/value cache is not this block's to extend
 

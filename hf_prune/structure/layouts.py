@@ -48,6 +48,12 @@ _HEAD_SIZE_FROM_HIDDEN = (
 )
 
 
+_T5_HEADS = (
+    "T5 computes one relative position bias for all heads in its first layer and hands it to every later layer, so "
+    "the heads of one layer cannot change alone; FFN neurons are supported"
+)
+
+
 def _falcon_packing(core: nn.Module) -> str:
     # Falcon's multi-query layout is [queries | one key | one value]; the others group each key/value head with
     # its queries ([q..., k, v] per group, single heads when there is no grouping).
@@ -239,6 +245,28 @@ LAYOUTS = (
             layer_norms=("self_attn_layer_norm", "final_layer_norm"),
             layer_size_attrs=(".embed_dim",),
         ),
+    ),
+    *(
+        Layout(
+            name=f"t5-{stack}{'-gated' if gated else ''}",
+            families="T5, mT5, Flan-T5, UMT5" if gated else "T5",
+            attentions=tuple(
+                AttentionLayout(
+                    owner=f"layer.{i}.{name}", core=f"layer.{i}.{name}", output=f"layer.{i}.{name}.o",
+                    query=f"layer.{i}.{name}.q", key=f"layer.{i}.{name}.k", value=f"layer.{i}.{name}.v",
+                    cross=name == "EncDecAttention", heads_note=_T5_HEADS,
+                )
+                for i, name in enumerate(("SelfAttention", "EncDecAttention")[: 2 if stack == "decoder" else 1])
+            ),
+            mlp=MlpLayout(
+                owner=f"layer.{ff}.DenseReluDense",
+                inputs=(f"layer.{ff}.DenseReluDense.wi_0", f"layer.{ff}.DenseReluDense.wi_1") if gated
+                else (f"layer.{ff}.DenseReluDense.wi",),
+                output=f"layer.{ff}.DenseReluDense.wo", activation=f"layer.{ff}.DenseReluDense.act", gated=gated,
+            ),
+        )
+        for stack, ff in (("decoder", 2), ("encoder", 1))
+        for gated in (False, True)
     ),
     Layout(
         name="wav2vec2",

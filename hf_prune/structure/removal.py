@@ -279,6 +279,8 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
     own: dict[int, list[int]] = {}
     for index, requested in sorted(requests.items()):
         site = sites[index]
+        if site.spec.heads_note and requested:
+            raise ValueError(f"hf_prune: heads cannot be removed from {type(model).__name__}: {site.spec.heads_note}")
         _check_head_request(site.spec, index, site.layer, requested, where)
         new = requested - pruned_heads_of(site.spec, site.layer)
         if not new:
