@@ -281,6 +281,10 @@ def _sample_inputs(model: nn.Module, tokenizer: Any, inputs: dict[str, list]) ->
             feed[name] = np.zeros_like(input_ids, dtype=np.int64)
         elif name == "position_ids":
             feed[name] = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
+        elif name == "pixel_values" and isinstance(getattr(model.config, "image_size", None), int):
+            # Vision encoders (ViT and its relatives): seeded images at the size the config was trained for.
+            size, channels = model.config.image_size, int(getattr(model.config, "num_channels", 3))
+            feed[name] = np.random.default_rng(0).standard_normal((2, channels, size, size)).astype(np.float32)
         else:
             raise ExportError(f"the exported graph expects an input {name!r} that hf_prune cannot build for verification")
     return feed

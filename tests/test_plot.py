@@ -112,9 +112,9 @@ def test_module_types_for_every_supported_architecture(arch):
 
 def test_modules_outside_known_names_are_labelled_by_their_path():
     report = {"modules": {"encoder.block.0.SelfAttention.q": {"params": 10, "zeros": 5},
-                          "encoder.block.0.layer.1.DenseReluDense.wo": {"params": 10, "zeros": 0},
+                          "encoder.block.0.layer.1.Mixer.wo": {"params": 10, "zeros": 0},
                           "classifier": {"params": 10, "zeros": 10}}}
-    assert sparsity_by_layer(report) == {0: {"SelfAttention.q": 0.5, "layer.1.DenseReluDense.wo": 0.0}}
+    assert sparsity_by_layer(report) == {0: {"SelfAttention.q": 0.5, "layer.1.Mixer.wo": 0.0}}
 
 
 def test_layer_sparsity_bars_and_heatmap_write_pngs(tmp_path):

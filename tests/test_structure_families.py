@@ -390,3 +390,17 @@ def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(famil
     assert sum(map(len, removed["heads"].values())) == (heads_before // 4 if heads else 0)
     assert sum(map(len, removed["neurons"].values())) > 0 or not has_mlp
     torch.testing.assert_close(outputs(model, plain), masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("family", ["deberta-v2", "modernbert", "vit", "phi3"])
+def test_a_pruned_model_of_another_family_exports_to_onnx_runtime(family, tmp_path):
+    """Optimum's exporter on the pruned, reloaded model; ONNX Runtime checked against PyTorch by export_onnx."""
+    pytest.importorskip("optimum.onnxruntime")
+    model = build(family)
+    heads, neurons = plan(model)
+    hf_prune.prune_heads(model, heads)
+    hf_prune.prune_ffn_neurons(model, neurons)
+    model.save_pretrained(tmp_path / "model")
+    result = hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "onnx"))
+    assert result.max_abs_diff["fp32"] < 1e-4
