@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from hf_prune.cli import main, parse_optimize_args
 from hf_prune.export import is_onnx_available
@@ -255,3 +256,27 @@ def test_latency_probe_times_a_smaller_shape_against_dense():
     assert set(point.speedup) == {1, 4} and all(v > 0 for v in point.speedup.values())
     assert point.parameters == sum(p.numel() for p in small.parameters())
     assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())  # exported a copy
+
+
+@needs_onnx
+@pytest.mark.parametrize("family", ["deberta-v2", "modernbert"])
+def test_optimize_reaches_other_encoder_families(family, data_files, tmp_path):
+    """The same command on a DeBERTa-v2 and a ModernBERT classifier: scored, cut, recovered, exported, reloaded."""
+    from hf_prune import load_pruned
+
+    root = tmp_path / "model"
+    tokenizer = tiny_tokenizer(root)
+    config_class = {"deberta-v2": transformers.DebertaV2Config, "modernbert": transformers.ModernBertConfig}[family]
+    config = config_class(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+                          id2label={0: "bad", 1: "good", 2: "meh"}, label2id={"bad": 0, "good": 1, "meh": 2})
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    out = tmp_path / "out"
+    assert main(["optimize", *optimize_argv(str(root), data_files, out, "--target_speedup", "1000")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"]["fraction_removed"] == 0.75
+    assert sum(report["chosen"]["heads_per_layer"]) == 2
+    model = load_pruned(str(out / "model"))
+    assert type(model).__name__ == config_class.__name__.replace("Config", "ForSequenceClassification")
