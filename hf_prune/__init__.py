@@ -23,6 +23,7 @@ from .semi_structured import is_two_four, to_semi_structured
 from .sensitivity import SensitivityResult, analyze_sensitivity
 from .structure import (
     load_pruned,
+    prune_experts,
     prune_ffn_neurons,
     prune_heads,
     prune_hidden,
@@ -38,6 +39,7 @@ from .trainer import PruningTrainer
 from .units import (
     available_unit_criteria,
     compute_channel_importance,
+    compute_expert_importance,
     compute_head_importance,
     compute_layer_importance,
     compute_neuron_importance,
@@ -78,6 +80,7 @@ __all__ = [
     "available_methods",
     "available_unit_criteria",
     "compute_channel_importance",
+    "compute_expert_importance",
     "compute_head_importance",
     "compute_layer_importance",
     "compute_neuron_importance",
@@ -88,6 +91,7 @@ __all__ = [
     "make_permanent",
     "owl_sparsity",
     "plan_sparsities",
+    "prune_experts",
     "prune_ffn_neurons",
     "prune_heads",
     "prune_hidden",

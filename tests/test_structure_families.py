@@ -17,7 +17,7 @@ from conftest import spread_weights
 import hf_prune
 from hf_prune.linear import is_conv1d
 from hf_prune.structure import attention_sites, find_layers, structure_summary
-from hf_prune.structure.layout import get_module, group_size_of, head_dim_of, kept_heads_of
+from hf_prune.structure.layout import find_module, get_module, group_size_of, head_dim_of, kept_heads_of
 
 MAJOR = int(transformers.__version__.split(".")[0])
 TEXT = dict(vocab_size=99, pad_token_id=0, max_position_embeddings=64)
@@ -125,6 +125,26 @@ def zero_columns(module, columns: list[int]) -> None:
             weight[:, columns] = 0
 
 
+def zero_expert_neurons(moe, layer, local: list[int]) -> list[int]:
+    """Zero neurons `local` of every routed expert (and of the shared expert) of a MoE layer; their ORIGINAL ids."""
+    experts = get_module(layer, moe.experts)
+    with torch.no_grad():
+        if isinstance(experts, torch.nn.ModuleList):
+            size = get_module(experts[0], moe.expert_mlp.output).weight.shape[1]
+            for expert in experts:
+                get_module(expert, moe.expert_mlp.output).weight[:, local] = 0
+        else:
+            down = getattr(experts, moe.fused_down)
+            size = down.shape[2]
+            down[:, :, local] = 0
+    count = get_module(layer, moe.router).weight.shape[0]
+    ids = [e * size + n for e in range(count) for n in local]
+    if moe.shared is not None and find_module(layer, moe.shared.output) is not None:
+        zero_columns(get_module(layer, moe.shared.output), local)
+        ids += [count * size + n for n in local]
+    return ids
+
+
 def plan(model) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """One key/value group per attention block (its heads' output columns zeroed), every head of the last block, and
     two FFN neurons per layer (their down-projection columns zeroed)."""
@@ -149,6 +169,11 @@ def plan(model) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     neurons: dict[int, list[int]] = {}
     _, layers = find_layers(model)
     for i, layer in enumerate(layers):
+        moe = layers.layout(i).moe
+        if moe is not None:
+            # Four per expert: Transformers 5 runs fused experts on 16-byte rows.
+            neurons[i] = zero_expert_neurons(moe, layer, [1, 2, 3, 5 + i])
+            continue
         mlp = layers.layout(i).mlp
         if mlp is None:
             continue
@@ -221,10 +246,68 @@ def test_t5_heads_are_refused_with_the_reason():
         hf_prune.prune_heads(model, {0: [1]})
 
 
-def test_moe_neurons_say_what_is_supported():
+def test_moe_neuron_scoring_says_what_is_supported():
     model = build("mixtral")
-    with pytest.raises(ValueError, match="FFN neuron removal is not available.*experts"):
-        hf_prune.prune_ffn_neurons(model, {0: [1]})
+    with pytest.raises(ValueError, match="not available.*prune_experts"):
+        hf_prune.compute_neuron_importance(model, [inputs("mixtral")], method="activation", progress=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_removing_experts_equals_the_model_built_with_fewer_experts(family, tmp_path):
+    """Transformers' own model with one expert fewer per layer, holding the other experts' weights (sliced here by
+    hand from the state dict), is the reference; the pruned model, and its reload, compute the same."""
+    import re
+
+    model = build(family)
+    batch = inputs(family)
+    drop = {0: 1, 1: 2}  # layer -> expert removed
+    state = {}
+    for key, value in model.state_dict().items():
+        layer = re.search(r"layers\.(\d+)\.", key)
+        gone = drop[int(layer.group(1))] if layer else None
+        listed = re.search(r"experts\.(\d+)\.", key)
+        if listed:  # 4.x: one module per expert
+            e = int(listed.group(1))
+            if e == gone:
+                continue
+            key = key.replace(f"experts.{e}.", f"experts.{e - (e > gone)}.")
+        elif key.endswith(("gate.weight", "experts.gate_up_proj", "experts.down_proj")) and "shared" not in key:
+            value = torch.cat([value[:gone], value[gone + 1:]])
+        state[key] = value
+    config = copy.deepcopy(model.config)
+    field = "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
+    setattr(config, field, getattr(config, field) - 1)
+    reference = type(model)(config).eval()
+    reference.load_state_dict(state)
+    expected = outputs(reference, batch)
+
+    hf_prune.prune_experts(model, {layer: [e] for layer, e in drop.items()})
+    torch.testing.assert_close(outputs(model, batch), expected, atol=1e-5, rtol=1e-5)
+    summary = structure_summary(model)
+    assert summary["pruned_experts"] == {0: [1], 1: [2]} and summary["experts_per_layer"] == [3, 3]
+    # Neurons of a removed expert are gone with it; the others keep their original ids (expert * size + neuron).
+    size = hf_prune.structure.layout.expert_size(find_layers(model)[0].moe, find_layers(model)[1][0])
+    hf_prune.prune_ffn_neurons(model, {0: [e * size + n for e in (0, 1, 2, 3) for n in range(4)]})
+    assert structure_summary(model)["pruned_neurons"][0] == [e * size + n for e in (0, 2, 3) for n in range(4)]
+    model.save_pretrained(tmp_path)
+    assert model.config.hf_prune_structure["format_version"] == 3
+    reloaded = hf_prune.load_pruned(str(tmp_path), attn_implementation="eager")
+    torch.testing.assert_close(outputs(reloaded, batch), outputs(model, batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="top_k=2"):
+        hf_prune.prune_experts(model, {0: [0, 2]})
+
+
+def test_expert_importance_removes_the_least_routed_expert_of_each_layer():
+    from hf_prune.units import prune_experts_by_importance
+
+    model = build("mixtral")
+    scores = hf_prune.compute_expert_importance(model, [inputs("mixtral")], progress=False)
+    assert set(scores) == {0, 1} and all(len(row) == 4 for row in scores.values())
+    for row in scores.values():  # mean router probabilities: each token's add up to one
+        torch.testing.assert_close(row.sum(), torch.tensor(1.0))
+    removed = prune_experts_by_importance(model, [inputs("mixtral")], per_layer=1, progress=False)
+    assert removed == {layer: [int(row.argmin())] for layer, row in scores.items()}
+    assert structure_summary(model)["experts_per_layer"] == [3, 3]
 
 
 def test_a_registered_layout_reaches_a_new_family():
@@ -305,6 +388,8 @@ def test_importance_scores_every_unit_and_empty_structures_are_found(family):
     heads = hf_prune.compute_head_importance(model, [batch], method="activation", progress=False)
     assert heads.shape[0] == len(sites) and bool((heads > 0).any())
     heads_plan, neurons_plan = plan(model)
+    _, layers = find_layers(model)
+    neurons_plan = {k: v for k, v in neurons_plan.items() if layers.layout(k).mlp is not None}  # not inside experts
     last = len(sites) - 1
     found = hf_prune.remove_empty_structures(model)
     # Zeroed output columns are exactly what remove_empty_structures looks for.

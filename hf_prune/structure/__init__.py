@@ -23,6 +23,7 @@ Modules, one job each:
     standins  what replaces an attention or MLP block that lost all its heads or neurons; exact-statistics norms
     removal   `prune_heads`, `prune_ffn_neurons`
     depth     `prune_layers`
+    experts   `prune_experts`, neurons inside experts (mixture-of-experts layers)
     width     `prune_hidden`, `zero_hidden_channels`, where the residual stream is read and written
     empty     `remove_empty_structures` (heads and neurons that are exactly zero)
     summary   `structure_summary`
@@ -33,6 +34,7 @@ Modules, one job each:
 from .empty import remove_empty_structures
 from .io import STRUCTURE_NAME, load_pruned, save_pruned, save_structure
 from .depth import prune_layers
+from .experts import prune_experts
 from .layout import (
     NEURONS_ATTR,
     AttentionLayout,
@@ -95,6 +97,7 @@ __all__ = [
     "load_pruned",
     "neuron_slots",
     "original_layer_indices",
+    "prune_experts",
     "prune_ffn_neurons",
     "prune_heads",
     "prune_hidden",

@@ -24,6 +24,7 @@ from transformers.utils import logging
 from ..files import atomic_write_text
 from .record import CONFIG_ATTR, read_record, structure_record
 from .depth import prune_layers
+from .experts import prune_experts
 from .removal import prune_ffn_neurons, prune_heads
 from .standins import ExactLayerNorm, ExactRMSNorm
 from .summary import int_keys, structure_summary
@@ -351,6 +352,7 @@ def load_pruned(
     try:
         # Heads and neurons first, while the layers still have their original indices.
         prune_heads(model, heads)
+        prune_experts(model, structure.get("pruned_experts", {}))
         prune_ffn_neurons(model, neurons)
         prune_layers(model, pruned_layers)
         prune_hidden(model, pruned_hidden, exact=norm_elements is not None)
@@ -365,7 +367,8 @@ def load_pruned(
                 module.elements = norm_elements
     if structure:
         summary = structure_summary(model)
-        for key in ("heads_per_layer", "intermediate_sizes", "num_layers", "hidden_size", "norm_elements"):
+        for key in ("heads_per_layer", "intermediate_sizes", "experts_per_layer", "num_layers", "hidden_size",
+                    "norm_elements"):
             if key in structure and structure[key] != summary[key]:
                 raise ValueError(
                     f"hf_prune.load_pruned: the structure record of {directory!r} says {key}={structure[key]} but "

@@ -140,6 +140,26 @@ class MlpLayout:
 
 
 @dataclass(frozen=True)
+class MoeLayout:
+    """A sparse mixture-of-experts feed-forward block: a router and routed experts, optionally a shared expert.
+
+    Experts come as an `nn.ModuleList` of MLPs (Transformers 4.x) or as one module holding the experts' weights as 3D
+    tensors (Transformers 5.x). FFN neurons of a MoE layer are numbered expert by expert in the ORIGINAL numbering
+    (routed expert e, neuron n is `e * original_expert_size + n`), the shared expert's neurons after all routed ones.
+    """
+
+    block: str  # the MoE block, which carries the removed experts and neurons
+    router: str  # weight (experts, hidden): one row per expert
+    experts: str
+    expert_mlp: Optional[MlpLayout] = None  # paths inside one expert, when experts are a ModuleList
+    fused_gate_up: str = "gate_up_proj"  # 3D parameters of a fused experts module: (experts, 2 * size, hidden)
+    fused_down: str = "down_proj"  # (experts, hidden, size)
+    shared: Optional[MlpLayout] = None  # a shared expert every token goes through, paths relative to the layer
+    count_attrs: tuple[str, ...] = ("num_experts",)  # on the block, the router and the experts, where present
+    size_attrs: tuple[str, ...] = ("intermediate_dim", "ffn_dim")  # per-expert width on a fused experts module
+
+
+@dataclass(frozen=True)
 class HiddenLayout:
     """Where the residual stream (hidden size) is read and written outside the attention and MLP projections.
 
@@ -164,6 +184,7 @@ class Layout:
     attentions: tuple[AttentionLayout, ...]
     mlp: Optional[MlpLayout]
     hidden: Optional[HiddenLayout] = None  # None: width pruning not described for this family
+    moe: Optional[MoeLayout] = None  # a mixture-of-experts block in place of `mlp`
     native_capable: bool = False  # Transformers 4.x implements prune_heads for it (config.pruned_heads)
     families: str = ""  # the Transformers model families it is known to cover, for messages and the README
     mlp_note: str = ""  # why FFN neurons cannot be removed, when `mlp` is None
@@ -179,6 +200,8 @@ class Layout:
         if not all(attention.matches(layer) for attention in self.attentions):
             return False
         if not any(attention.present(layer) for attention in self.attentions):
+            return False
+        if self.moe is not None and find_module(layer, self.moe.block) is None:
             return False
         return self.mlp is None or self.mlp.matches(layer)
 
@@ -477,6 +500,74 @@ def neuron_slots(model: nn.Module) -> list[UnitSlot]:
 def head_group_size(model: nn.Module) -> int:
     """Query heads that must be removed together (grouped-query attention), 1 otherwise."""
     return max((group_size_of(s.spec, s.layer) for s in attention_sites(model)), default=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experts and the neurons inside them (mixture-of-experts layers)
+# ----------------------------------------------------------------------------------------------------------------
+
+EXPERTS_ATTR = "hf_prune_pruned_experts"  # on the MoE block: ORIGINAL indices of the experts removed
+EXPERT_SIZE_ATTR = "hf_prune_expert_size"  # on the MoE block: neurons per routed expert before any was removed
+
+
+def pruned_experts_of(moe: MoeLayout, layer: nn.Module) -> set[int]:
+    return set(getattr(get_module(layer, moe.block), EXPERTS_ATTR, set()) or set())
+
+
+def num_experts_of(moe: MoeLayout, layer: nn.Module) -> int:
+    """Experts present (rows of the router)."""
+    return int(get_module(layer, moe.router).weight.shape[0])
+
+
+def kept_experts_of(moe: MoeLayout, layer: nn.Module) -> list[int]:
+    pruned = pruned_experts_of(moe, layer)
+    return [e for e in range(num_experts_of(moe, layer) + len(pruned)) if e not in pruned]
+
+
+def experts_are_fused(moe: MoeLayout, layer: nn.Module) -> bool:
+    return not isinstance(get_module(layer, moe.experts), nn.ModuleList)
+
+
+def expert_widths(moe: MoeLayout, layer: nn.Module) -> list[int]:
+    """Neurons present in each expert present, in order."""
+    experts = get_module(layer, moe.experts)
+    if experts_are_fused(moe, layer):
+        return [int(getattr(experts, moe.fused_down).shape[2])] * num_experts_of(moe, layer)
+    return [in_width_of(get_module(expert, moe.expert_mlp.output)) for expert in experts]
+
+
+def expert_size(moe: MoeLayout, layer: nn.Module) -> int:
+    """Neurons per routed expert in the ORIGINAL model."""
+    block = get_module(layer, moe.block)
+    recorded = getattr(block, EXPERT_SIZE_ATTR, None)
+    return int(recorded) if recorded is not None else max(expert_widths(moe, layer), default=0)
+
+
+def shared_expert_total(moe: MoeLayout, layer: nn.Module) -> int:
+    if moe.shared is None or find_module(layer, moe.shared.output) is None:
+        return 0
+    return len(kept_neurons_of(moe.shared, layer)) + len(pruned_neurons_of(moe.shared, layer))
+
+
+def moe_neuron_total(moe: MoeLayout, layer: nn.Module) -> int:
+    """FFN neurons of the layer in the ORIGINAL model (every routed expert, then the shared expert)."""
+    experts = num_experts_of(moe, layer) + len(pruned_experts_of(moe, layer))
+    return experts * expert_size(moe, layer) + shared_expert_total(moe, layer)
+
+
+def moe_pruned_neurons(moe: MoeLayout, layer: nn.Module) -> set[int]:
+    """ORIGINAL ids of the neurons removed one by one (those of removed experts are not listed)."""
+    return set(getattr(get_module(layer, moe.block), NEURONS_ATTR, set()) or set())
+
+
+def moe_kept_neurons(moe: MoeLayout, layer: nn.Module) -> list[int]:
+    """ORIGINAL ids of the neurons present, expert by expert, then the shared expert's."""
+    size = expert_size(moe, layer)
+    pruned = moe_pruned_neurons(moe, layer)
+    kept = [e * size + n for e in kept_experts_of(moe, layer) for n in range(size) if e * size + n not in pruned]
+    offset = (num_experts_of(moe, layer) + len(pruned_experts_of(moe, layer))) * size
+    kept += [offset + n for n in range(shared_expert_total(moe, layer)) if offset + n not in pruned]
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------

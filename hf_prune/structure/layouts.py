@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layout import AttentionLayout, HiddenLayout, Layout, MlpLayout, register_layout
+from .layout import AttentionLayout, HiddenLayout, Layout, MlpLayout, MoeLayout, register_layout
 from .standins import TRANSFORMERS_MAJOR
 
 _LLAMA_ATTENTION = AttentionLayout(
@@ -48,6 +48,10 @@ _HEAD_SIZE_FROM_HIDDEN = (
 )
 
 
+_MOE_NEURONS = (
+    "neurons inside experts are removed by prune_ffn_neurons and whole experts by prune_experts (scored with "
+    "compute_expert_importance); importance scoring and gradual pruning of neurons inside experts are not supported"
+)
 _T5_HEADS = (
     "T5 computes one relative position bias for all heads in its first layer and hands it to every later layer, so "
     "the heads of one layer cannot change alone; FFN neurons are supported"
@@ -282,7 +286,7 @@ LAYOUTS = (
     ),
     Layout(
         name="moe",
-        families="Mixtral, Qwen2-MoE (Transformers 5.x fused experts)",
+        families="Mixtral (5.x), Qwen2-MoE, Qwen3-MoE",
         requires=("mlp.experts",),
         # Qwen2-MoE under 4.x reshapes the heads' output with the attention's own `hidden_size`.
         attentions=(AttentionLayout(
@@ -290,8 +294,15 @@ LAYOUTS = (
             key="self_attn.k_proj", value="self_attn.v_proj", width_attrs=("all_head_size", "hidden_size"),
         ),),
         mlp=None,
-        mlp_note="neurons inside experts and whole experts are not removed yet; heads, key/value groups and "
-                 "layers are",
+        moe=MoeLayout(
+            block="mlp", router="mlp.gate", experts="mlp.experts",
+            expert_mlp=MlpLayout(owner="", inputs=("gate_proj", "up_proj"), output="down_proj", activation="act_fn",
+                                 gated=True),
+            shared=MlpLayout(owner="mlp.shared_expert",
+                             inputs=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                             output="mlp.shared_expert.down_proj", activation="mlp.shared_expert.act_fn", gated=True),
+        ),
+        mlp_note=_MOE_NEURONS,
     ),
     Layout(
         name="mixtral",
@@ -299,8 +310,11 @@ LAYOUTS = (
         requires=("block_sparse_moe.experts",),
         attentions=(_LLAMA_ATTENTION,),
         mlp=None,
-        mlp_note="neurons inside experts and whole experts are not removed yet; heads, key/value groups and "
-                 "layers are",
+        moe=MoeLayout(
+            block="block_sparse_moe", router="block_sparse_moe.gate", experts="block_sparse_moe.experts",
+            expert_mlp=MlpLayout(owner="", inputs=("w1", "w3"), output="w2", activation="act_fn", gated=True),
+        ),
+        mlp_note=_MOE_NEURONS,
     ),
 )
 

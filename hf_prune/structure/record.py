@@ -7,7 +7,8 @@ checkpoints, so `load_pruned` can rebuild a model saved in any of those ways, wi
 `hf_prune_structure.json` beside it.
 
 Versions. Format 1 records heads and neurons; format 2 adds layers (`pruned_layers`, `original_num_layers`) and
-hidden channels (`pruned_hidden`, `original_hidden_size`, `norm_elements`). A record is written in the lowest format
+hidden channels (`pruned_hidden`, `original_hidden_size`, `norm_elements`); format 3 adds the experts of
+mixture-of-experts layers (`pruned_experts`, `experts_per_layer`). A record is written in the lowest format
 that describes it, so a model with only heads and neurons removed stays loadable by hf_prune versions that read
 format 1; both formats load here (in format 1 no layer was removed, so positions and original indices agree).
 """
@@ -28,13 +29,15 @@ logger = logging.get_logger(__name__)
 CONFIG_ATTR = "hf_prune_structure"
 # The newest version of the structure record and of `hf_prune_structure.json` this hf_prune reads (and writes, when
 # layers or hidden channels were removed); a newer one loads with a warning, its unknown keys ignored.
-STRUCTURE_FORMAT_VERSION = 2
+STRUCTURE_FORMAT_VERSION = 3
 RECORD_KEYS = ("format_version", "pruned_heads", "pruned_neurons", "heads_per_layer", "intermediate_sizes")
 # Keys of `hf_prune_structure.json` (the structure summary) that loading does not need.
 SUMMARY_ONLY_KEYS = (
     "hf_prune_version", "transformers_version", "architecture", "num_attention_heads", "key_value_heads_per_layer",
     "head_group_size", "intermediate_size", "parameters", "loads_with_from_pretrained", "head_dim",
 )
+# Format 3: experts of mixture-of-experts layers.
+EXPERT_KEYS = ("pruned_experts", "experts_per_layer")
 # Format 2: layers and hidden channels.
 DEPTH_WIDTH_KEYS = (
     "pruned_layers", "original_num_layers", "num_layers", "pruned_hidden", "original_hidden_size", "hidden_size",
@@ -68,7 +71,8 @@ def structure_record(model: nn.Module) -> Optional[dict]:
     """The structure record of `model` (layer keys and indices in the ORIGINAL numbering), None when nothing is pruned."""
     summary = structure_summary(model)
     depth_or_width = bool(summary["pruned_layers"] or summary["pruned_hidden"])
-    if not summary["pruned_heads"] and not summary["pruned_neurons"] and not depth_or_width:
+    experts = bool(summary["pruned_experts"])
+    if not summary["pruned_heads"] and not summary["pruned_neurons"] and not depth_or_width and not experts:
         return None
     original = original_layer_indices(model)
     if len(summary["heads_per_layer"]) != len(original):
@@ -78,15 +82,18 @@ def structure_record(model: nn.Module) -> Optional[dict]:
     else:
         heads_key = original
     record = {
-        "format_version": 2 if depth_or_width else 1,
+        "format_version": 3 if experts else 2 if depth_or_width else 1,
         # JSON object keys are strings: written as such so that the in-memory and the reloaded config agree.
         "pruned_heads": {str(heads_key[k]): v for k, v in summary["pruned_heads"].items()},
         "pruned_neurons": {str(original[k]): v for k, v in summary["pruned_neurons"].items()},
         "heads_per_layer": summary["heads_per_layer"],
         "intermediate_sizes": summary["intermediate_sizes"],
     }
-    if depth_or_width:
+    if depth_or_width or experts:
         record.update({key: summary[key] for key in DEPTH_WIDTH_KEYS})
+    if experts:
+        record["pruned_experts"] = {str(original[k]): v for k, v in summary["pruned_experts"].items()}
+        record["experts_per_layer"] = summary["experts_per_layer"]
     return record
 
 
@@ -119,7 +126,7 @@ def read_record(record: Any, source: str) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"hf_prune: the structure record in {source} must be a JSON object, got {type(record).__name__}.")
     version = record.get("format_version", 1)
-    unknown = sorted(set(record) - set(RECORD_KEYS) - set(DEPTH_WIDTH_KEYS) - set(SUMMARY_ONLY_KEYS))
+    unknown = sorted(set(record) - set(RECORD_KEYS) - set(DEPTH_WIDTH_KEYS) - set(EXPERT_KEYS) - set(SUMMARY_ONLY_KEYS))
     if isinstance(version, int) and version > STRUCTURE_FORMAT_VERSION:
         logger.warning(
             "hf_prune: the structure record in %s was written by a newer hf_prune (format_version %s, this one reads "
@@ -127,9 +134,10 @@ def read_record(record: Any, source: str) -> dict:
         )
     try:
         result = {
-            **{k: record[k] for k in ("heads_per_layer", "intermediate_sizes") if k in record},
+            **{k: record[k] for k in ("heads_per_layer", "intermediate_sizes", "experts_per_layer") if k in record},
             "pruned_heads": int_keys(record.get("pruned_heads") or {}),
             "pruned_neurons": int_keys(record.get("pruned_neurons") or {}),
+            "pruned_experts": int_keys(record.get("pruned_experts") or {}),
             "pruned_layers": sorted({int(i) for i in record.get("pruned_layers") or ()}),
             "pruned_hidden": sorted({int(i) for i in record.get("pruned_hidden") or ()}),
         }

@@ -38,6 +38,7 @@ from .layout import (
     qkv_rows,
     set_module,
 )
+from .experts import prune_moe_neurons
 from .record import record_structure
 from .slicing import channel_index, check_plain, in_width_of, keep_inputs, keep_outputs, out_width_of
 from .standins import TRANSFORMERS_MAJOR, BiasOnly, EmptyAttention, NoHeadsSelfAttention, ZeroWidth
@@ -362,6 +363,11 @@ def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) ->
     changed = {}
     for layer_idx, requested in sorted(requests.items()):
         layer = layers[layer_idx]
+        if layers.layout(layer_idx).moe is not None:
+            count = prune_moe_neurons(layers.layout(layer_idx), layer, layer_idx, requested)
+            if count:
+                changed[layer_idx] = count
+            continue
         mlp = layers.layout(layer_idx).require_mlp()
         pruned = pruned_neurons_of(mlp, layer)
         kept = kept_neurons_of(mlp, layer)

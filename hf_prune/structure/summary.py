@@ -8,6 +8,11 @@ from torch import nn
 
 from .layout import (
     attention_sites,
+    kept_experts_of,
+    moe_kept_neurons,
+    moe_neuron_total,
+    moe_pruned_neurons,
+    pruned_experts_of,
     find_layers,
     group_size_of,
     head_dim_of,
@@ -51,7 +56,18 @@ def structure_summary(model: nn.Module) -> dict:
         original_heads = max(original_heads, len(kept) + len(pruned_heads_of(spec, layer)))
         if pruned_heads_of(spec, layer):
             pruned_heads[site.index] = sorted(pruned_heads_of(spec, layer))
+    experts_per_layer, pruned_experts = [], {}
     for i, layer in enumerate(layers):
+        moe = layers.layout(i).moe
+        if moe is not None:
+            kept = moe_kept_neurons(moe, layer)
+            sizes.append(len(kept))
+            original_size = max(original_size, moe_neuron_total(moe, layer))
+            if moe_pruned_neurons(moe, layer):
+                pruned_neurons[i] = sorted(moe_pruned_neurons(moe, layer))
+            experts_per_layer.append(len(kept_experts_of(moe, layer)))
+            if pruned_experts_of(moe, layer):
+                pruned_experts[i] = sorted(pruned_experts_of(moe, layer))
         mlp = layers.layout(i).mlp
         if mlp is None:
             continue
@@ -65,7 +81,7 @@ def structure_summary(model: nn.Module) -> dict:
     norm_elements = next(
         (m.elements for m in model.modules() if isinstance(m, (ExactLayerNorm, ExactRMSNorm))), None
     )
-    loads_plainly = not pruned_neurons and not pruned_hidden and (
+    loads_plainly = not pruned_neurons and not pruned_hidden and not pruned_experts and (
         not pruned_heads
         or (native_prune_heads_available(model, layout) and all(heads_per_layer) and _config_matches(model, pruned_heads))
     )
@@ -80,6 +96,8 @@ def structure_summary(model: nn.Module) -> dict:
         "intermediate_size": original_size,
         "intermediate_sizes": sizes,
         "pruned_neurons": pruned_neurons,
+        "experts_per_layer": experts_per_layer,
+        "pruned_experts": pruned_experts,
         "original_num_layers": len(layers) + len(pruned_layers_of(layers)),
         "pruned_layers": sorted(pruned_layers_of(layers)),
         "hidden_size": hidden,

@@ -17,6 +17,7 @@ from .base import (
     unregister_unit_criterion,
 )
 from .depth import compute_layer_importance
+from .experts import compute_expert_importance, prune_experts_by_importance, select_experts_to_prune
 from .gradual import GradualUnitPruner
 from .oneshot import compute_head_importance, compute_neuron_importance, prune_by_importance, prune_structured
 from .ranking import select_channels_to_prune, select_layers_to_prune
@@ -28,14 +29,17 @@ __all__ = [
     "UnitCriterion",
     "available_unit_criteria",
     "compute_channel_importance",
+    "compute_expert_importance",
     "compute_head_importance",
     "compute_layer_importance",
     "compute_neuron_importance",
     "normalize_per_layer",
     "prune_by_importance",
+    "prune_experts_by_importance",
     "prune_structured",
     "register_unit_criterion",
     "select_channels_to_prune",
+    "select_experts_to_prune",
     "select_heads_to_prune",
     "select_layers_to_prune",
     "select_neurons_to_prune",
