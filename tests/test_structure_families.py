@@ -151,11 +151,9 @@ def plan(model) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     heads: dict[int, list[int]] = {}
     sites = attention_sites(model)
     for site in sites:
-        if site.spec.heads_note:
-            continue  # T5: heads cannot be removed (asserted below), neurons can
         kept = kept_heads_of(site.spec, site.layer)
         group = group_size_of(site.spec, site.layer)
-        if site.index == len(sites) - 1:
+        if site.index == len(sites) - 1 and not site.spec.shared_position_bias:
             chosen = kept
         elif len(kept) > group:
             g = site.index % (len(kept) // group)
@@ -240,10 +238,16 @@ def test_an_unknown_family_names_what_was_found_and_how_to_register():
         hf_prune.prune_heads(model, {0: [0]})
 
 
-def test_t5_heads_are_refused_with_the_reason():
+def test_t5_blocks_keep_a_head_for_the_position_bias_they_hand_on():
     model = build("t5")
-    with pytest.raises(ValueError, match="relative position bias"):
-        hf_prune.prune_heads(model, {0: [1]})
+    with pytest.raises(ValueError, match="position bias is handed on"):
+        hf_prune.prune_heads(model, {0: [0, 1, 2, 3]})
+    # Selection never empties a block: 3/4 of all heads gone leaves one head in every block.
+    scores = hf_prune.compute_head_importance(model, [inputs("t5")], method="activation", progress=False)
+    chosen = hf_prune.select_heads_to_prune(scores, 0.75, model=model)
+    assert all(len(heads) == 3 for heads in chosen.values()) and len(chosen) == 6
+    hf_prune.prune_heads(model, chosen)
+    assert structure_summary(model)["heads_per_layer"] == [1] * 6
 
 
 def test_moe_neuron_scoring_says_what_is_supported():
@@ -395,7 +399,7 @@ def test_importance_scores_every_unit_and_empty_structures_are_found(family):
     # Zeroed output columns are exactly what remove_empty_structures looks for.
     assert found["heads"] == {k: sorted(v) for k, v in heads_plan.items()}
     assert found["neurons"] == {k: sorted(v) for k, v in neurons_plan.items()}
-    if heads_plan:
+    if not sites[last].spec.shared_position_bias:
         assert structure_summary(model)["heads_per_layer"][last] == 0
     if neurons_plan:
         neurons = hf_prune.compute_neuron_importance(model, [batch], method="activation", progress=False)
@@ -457,8 +461,7 @@ def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(famil
     model = build(family)
     batch = with_labels(family, inputs(family))
     has_mlp = all(find_layers(model)[1].layout(i).mlp is not None for i in range(len(find_layers(model)[1])))
-    heads = not attention_sites(model)[0].spec.heads_note
-    config = PruningConfig(target_sparsity=0.0, head_sparsity=0.25 if heads else 0.0,
+    config = PruningConfig(target_sparsity=0.0, head_sparsity=0.25,
                            neuron_sparsity=0.25 if has_mlp else 0.0,
                            warmup_fraction=0.0, cooldown_fraction=0.0)
     pruner = Pruner(model, config)
@@ -472,7 +475,7 @@ def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(famil
     masked = outputs(model, plain)
     heads_before = sum(structure_summary(model)["heads_per_layer"])
     removed = pruner.finish()
-    assert sum(map(len, removed["heads"].values())) == (heads_before // 4 if heads else 0)
+    assert sum(map(len, removed["heads"].values())) == heads_before // 4
     assert sum(map(len, removed["neurons"].values())) > 0 or not has_mlp
     torch.testing.assert_close(outputs(model, plain), masked, atol=1e-5, rtol=1e-5)
 

@@ -94,7 +94,9 @@ class AttentionLayout:
     width_attrs: tuple[str, ...] = ("all_head_size", "inner_dim")  # heads * head_dim, set where present
     kv_count_attrs: tuple[str, ...] = ("num_key_value_heads", "num_kv_heads")  # set where present
     optional: bool = False  # absent from some layers (a cross-attention that only decoder layers have)
-    heads_note: str = ""  # why heads cannot be removed from this block ("" when they can)
+    # A per-head bias handed from layer to layer for every ORIGINAL head (T5's relative position bias): see
+    # `hf_prune.structure.position_bias`. Such a block keeps at least one head.
+    shared_position_bias: bool = False
     outputs: int = 2  # values the core's forward returns (output, weights[, cache]); a stand-in returns as many
     cross: bool = False  # attends to another stack's states: its key/value cache is not this block's to extend
 
@@ -495,6 +497,13 @@ def neuron_slots(model: nn.Module) -> list[UnitSlot]:
         module = get_module(layer, mlp.output) if kept else None
         slots.append(UnitSlot(i, module, 1, kept, total))
     return slots
+
+
+def min_heads_per_block(model: nn.Module) -> int:
+    """Heads every attention block must keep: one key/value group where the block hands a per-head position bias on
+    to later layers (T5), else 0."""
+    return max((group_size_of(s.spec, s.layer) for s in attention_sites(model) if s.spec.shared_position_bias),
+               default=0)
 
 
 def head_group_size(model: nn.Module) -> int:

@@ -52,12 +52,6 @@ _MOE_NEURONS = (
     "neurons inside experts are removed by prune_ffn_neurons and whole experts by prune_experts (scored with "
     "compute_expert_importance); importance scoring and gradual pruning of neurons inside experts are not supported"
 )
-_T5_HEADS = (
-    "T5 computes one relative position bias for all heads in its first layer and hands it to every later layer, so "
-    "the heads of one layer cannot change alone; FFN neurons are supported"
-)
-
-
 def _falcon_packing(core: nn.Module) -> str:
     # Falcon's multi-query layout is [queries | one key | one value]; the others group each key/value head with
     # its queries ([q..., k, v] per group, single heads when there is no grouping).
@@ -258,7 +252,7 @@ LAYOUTS = (
                 AttentionLayout(
                     owner=f"layer.{i}.{name}", core=f"layer.{i}.{name}", output=f"layer.{i}.{name}.o",
                     query=f"layer.{i}.{name}.q", key=f"layer.{i}.{name}.k", value=f"layer.{i}.{name}.v",
-                    cross=name == "EncDecAttention", heads_note=_T5_HEADS,
+                    cross=name == "EncDecAttention", shared_position_bias=True,
                 )
                 for i, name in enumerate(("SelfAttention", "EncDecAttention")[: 2 if stack == "decoder" else 1])
             ),

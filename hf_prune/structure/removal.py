@@ -39,6 +39,7 @@ from .layout import (
     set_module,
 )
 from .experts import prune_moe_neurons
+from .position_bias import share_position_bias
 from .record import record_structure
 from .slicing import channel_index, check_plain, in_width_of, keep_inputs, keep_outputs, out_width_of
 from .standins import TRANSFORMERS_MAJOR, BiasOnly, EmptyAttention, NoHeadsSelfAttention, ZeroWidth
@@ -166,6 +167,7 @@ def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], 
     head_dim = head_dim_of(spec, layer)
     core = get_module(layer, spec.core)
     group = group_size_of(spec, layer)
+    total = num_heads_of(spec, layer) + len(pruned_heads_of(spec, layer))  # original heads of the block
     kv_keep = sorted({h // group for h in keep})
     q_index = channel_index(keep, head_dim)
     if spec.qkv:
@@ -189,6 +191,8 @@ def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], 
     _set_present(core, spec.kv_count_attrs, len(kv_keep))
     _own_config(core, spec, len(keep), len(kv_keep))
     _select_head_inputs(spec, core, original)
+    if spec.shared_position_bias:
+        share_position_bias(core, original, total)
 
 
 def qkv_rows_per_group(spec: AttentionLayout, layer: nn.Module, groups: list[int]) -> torch.Tensor:
@@ -280,8 +284,11 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
     own: dict[int, list[int]] = {}
     for index, requested in sorted(requests.items()):
         site = sites[index]
-        if site.spec.heads_note and requested:
-            raise ValueError(f"hf_prune: heads cannot be removed from {type(model).__name__}: {site.spec.heads_note}")
+        if site.spec.shared_position_bias and not set(kept_heads_of(site.spec, site.layer)) - requested:
+            raise ValueError(
+                f"hf_prune: {where} {index} of {type(model).__name__} would lose every head; its position bias is "
+                "handed on to the next layers, so at least one head stays."
+            )
         _check_head_request(site.spec, index, site.layer, requested, where)
         new = requested - pruned_heads_of(site.spec, site.layer)
         if not new:

@@ -20,6 +20,7 @@ from ..config import PruningConfig
 from ..linear import is_conv1d
 from ..optim import clear_optimizer_state
 from ..structure import head_group_size, head_slots, neuron_slots, prune_ffn_neurons, prune_heads
+from ..structure.layout import min_heads_per_block
 from .base import normalize_per_layer
 from .selection import select_heads_to_prune, select_neurons_to_prune
 from .taylor import taylor_unit_scores
@@ -35,6 +36,7 @@ class GradualUnitPruner:
         self.head_slots = head_slots(model) if config.head_sparsity > 0 else []
         self.neuron_slots = neuron_slots(model) if config.neuron_sparsity > 0 else []
         self.group_size = head_group_size(model) if self.head_slots else 1
+        self.min_heads = min_heads_per_block(model) if self.head_slots else 0
         width = max((slot.total for slot in self.head_slots), default=0)
         self.head_scores = torch.zeros(len(self.head_slots), width)
         self.neuron_scores = {slot.layer_idx: torch.zeros(slot.total) for slot in self.neuron_slots}
@@ -62,7 +64,7 @@ class GradualUnitPruner:
         if self.head_slots and head_fraction > 0:
             self.pruned_heads = select_heads_to_prune(
                 normalize_per_layer(self.head_scores), head_fraction, already_pruned=self.pruned_heads,
-                group_size=self.group_size,
+                group_size=self.group_size, min_heads_per_layer=self.min_heads,
             )
         if self.neuron_slots and neuron_fraction > 0:
             scores = {layer: normalize_per_layer(row) for layer, row in self.neuron_scores.items()}

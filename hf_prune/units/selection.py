@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..structure import structure_summary
+from ..structure.layout import min_heads_per_block
 
 
 def select_units(
@@ -139,7 +140,8 @@ def select_heads_to_prune(
         model: when given, `already_pruned` and `group_size` default to what the model records.
         already_pruned: {layer: [original head indices]} already removed.
         group_size: query heads that go together (grouped-query attention); groups are ranked by summed importance.
-        min_heads_per_layer: heads every layer keeps (0: a layer may lose all heads).
+        min_heads_per_layer: heads every layer keeps (0: a layer may lose all heads). With `model`, at least what
+            the model needs (a T5 block keeps one head for the position bias it hands on).
         allow_remove_all: by default at least one head (group) stays in the model.
         layer_budget: {layer: heads to be gone in that layer, already removed ones included} (e.g. from
             `hf_prune.allocate_units`): each layer loses exactly its budget, its lowest-importance heads first
@@ -153,6 +155,7 @@ def select_heads_to_prune(
         summary = structure_summary(model)
         already_pruned = summary["pruned_heads"] if already_pruned is None else already_pruned
         group_size = summary["head_group_size"] if group_size is None else group_size
+        min_heads_per_layer = max(min_heads_per_layer, min_heads_per_block(model))
     scores = {layer: importance[layer].detach().float().cpu() for layer in range(importance.shape[0])}
     already = {int(k): {int(h) for h in v} for k, v in (already_pruned or {}).items()}
     return select_units(scores, fraction, already, group_size or 1, min_heads_per_layer, allow_remove_all, "heads",
