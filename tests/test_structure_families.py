@@ -492,3 +492,29 @@ def test_a_pruned_model_of_another_family_exports_to_onnx_runtime(family, tmp_pa
     model.save_pretrained(tmp_path / "model")
     result = hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "onnx"))
     assert result.max_abs_diff["fp32"] < 1e-4
+
+
+@pytest.mark.parametrize("family", ["bart", "whisper", "t5", "t5-gated"])
+def test_encoder_decoder_layers_removed_per_stack_reload(family, tmp_path):
+    """Layers of both stacks, numbered encoder first; each stack's config count follows; heads keyed by attention
+    block stay in their original numbering through the record."""
+    model = build(family)
+    batch = inputs(family)
+    _, layers = find_layers(model)
+    encoder = len(layers.stacks[0].layers)
+    heads, neurons = plan(model)
+    hf_prune.prune_heads(model, heads)
+    hf_prune.prune_ffn_neurons(model, neurons)
+    hf_prune.prune_layers(model, [1, encoder + 1])  # the second layer of each stack (T5's first ones hold the bias)
+    assert [len(stack.layers) for stack in find_layers(model)[1].stacks] == [1, 1]
+    expected = outputs(model, batch)
+    model.save_pretrained(tmp_path)
+    reloaded = hf_prune.load_pruned(str(tmp_path), attn_implementation="eager")
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+    assert structure_summary(reloaded)["heads_per_layer"] == structure_summary(model)["heads_per_layer"]
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    prompt = {k: v[:1] for k, v in batch.items() if k != "decoder_input_ids"}
+    assert torch.equal(model.generate(**prompt, **kwargs), reloaded.generate(**prompt, **kwargs))
+    if family.startswith("t5"):
+        with pytest.raises(ValueError, match="relative position bias"):
+            hf_prune.prune_layers(build(family), [encoder])

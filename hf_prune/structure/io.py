@@ -245,7 +245,8 @@ def _load_state_strictly(model: nn.Module, state: dict[str, torch.Tensor], direc
 
 def _kept_layers(config: Any, structure: dict, directory: str) -> list[int]:
     """ORIGINAL indices of the layers in the checkpoint, in order."""
-    saved = int(config.num_hidden_layers)
+    stacks = structure.get("original_stack_layers") or {}
+    saved = sum(int(getattr(config, field)) for field in stacks) if stacks else int(config.num_hidden_layers)
     if not structure.get("pruned_layers"):
         return list(range(saved))
     removed = set(structure["pruned_layers"])
@@ -261,7 +262,10 @@ def _kept_layers(config: Any, structure: dict, directory: str) -> list[int]:
 
 def _restore_original_sizes(config: Any, structure: dict, kept_layers: list[int]) -> None:
     """Set the config back to the unpruned depth and width, which the pruning calls then remove again."""
-    if structure.get("pruned_layers"):
+    if structure.get("pruned_layers") and structure.get("original_stack_layers"):
+        for field, count in structure["original_stack_layers"].items():
+            setattr(config, field, count)
+    elif structure.get("pruned_layers"):
         original = structure["original_num_layers"]
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(kept_layers):

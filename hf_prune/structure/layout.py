@@ -603,11 +603,16 @@ HIDDEN_ATTR = "hf_prune_pruned_hidden"  # on the base model: ORIGINAL indices of
 
 
 def pruned_layers_of(layers: Union[nn.ModuleList, LayerView]) -> set[int]:
-    if isinstance(layers, LayerView):
-        if len(layers.stacks) != 1:
-            return set()
-        layers = layers.stacks[0].layers
-    return set(getattr(layers, LAYERS_ATTR, set()) or set())
+    """ORIGINAL indices of the layers removed: local to one `nn.ModuleList`, or across the stacks of a `LayerView`
+    (a stack's layers are numbered after every layer of the stacks before it, in their original counts)."""
+    if not isinstance(layers, LayerView):
+        return set(getattr(layers, LAYERS_ATTR, set()) or set())
+    removed, offset = set(), 0
+    for stack in layers.stacks:
+        local = pruned_layers_of(stack.layers)
+        removed |= {offset + i for i in local}
+        offset += len(stack.layers) + len(local)
+    return removed
 
 
 def original_layer_indices(model: nn.Module) -> list[int]:
@@ -620,6 +625,36 @@ def original_layer_indices(model: nn.Module) -> list[int]:
     _, view = find_layers(model)
     pruned = pruned_layers_of(view)
     return [i for i in range(len(view) + len(pruned)) if i not in pruned]
+
+
+# Config fields holding a stack's number of layers in encoder-decoder models, by the stack's role (first present wins).
+STACK_LAYER_FIELDS = {"encoder": ("encoder_layers", "num_layers"), "decoder": ("decoder_layers", "num_decoder_layers")}
+
+
+def stack_layer_field(config: Any, stack: Stack) -> str:
+    """The config field counting the layers of `stack` ("num_hidden_layers" for a single-stack model)."""
+    role = "decoder" if "decoder" in stack.path.split(".") else "encoder"
+    for field in STACK_LAYER_FIELDS[role]:
+        if isinstance(getattr(config, field, None), int):
+            return field
+    raise ValueError(f"hf_prune: the config names no layer count for the {role} stack {stack.path!r} "
+                     f"(looked for {STACK_LAYER_FIELDS[role]}).")
+
+
+def original_site_indices(model: nn.Module) -> list[int]:
+    """The ORIGINAL index of each attention block still present (`attention_sites` order): what the structure record
+    keys heads by. Equal to `original_layer_indices` for families with one attention block per layer."""
+    _, view = find_layers(model)
+    result, offset, position = [], 0, 0
+    for stack in view.stacks:
+        local = pruned_layers_of(stack.layers)
+        per_layer = sum(1 for spec in stack.layout.attentions if spec.present(stack.layers[0]))
+        for i in range(len(stack.layers) + len(local)):
+            if i not in local:
+                result += list(range(offset + i * per_layer, offset + (i + 1) * per_layer))
+        offset += (len(stack.layers) + len(local)) * per_layer
+        position += len(stack.layers)
+    return result
 
 
 def pruned_hidden_of(model: nn.Module) -> set[int]:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers.utils import logging
 
-from .layout import original_layer_indices
+from .layout import original_layer_indices, original_site_indices
 from .summary import int_keys, structure_summary
 
 logger = logging.get_logger(__name__)
@@ -36,8 +36,8 @@ SUMMARY_ONLY_KEYS = (
     "hf_prune_version", "transformers_version", "architecture", "num_attention_heads", "key_value_heads_per_layer",
     "head_group_size", "intermediate_size", "parameters", "loads_with_from_pretrained", "head_dim",
 )
-# Format 3: experts of mixture-of-experts layers.
-EXPERT_KEYS = ("pruned_experts", "experts_per_layer")
+# Format 3: experts of mixture-of-experts layers, and the layer count of each stack of an encoder-decoder model.
+FORMAT_3_KEYS = ("pruned_experts", "experts_per_layer", "original_stack_layers")
 # Format 2: layers and hidden channels.
 DEPTH_WIDTH_KEYS = (
     "pruned_layers", "original_num_layers", "num_layers", "pruned_hidden", "original_hidden_size", "hidden_size",
@@ -71,16 +71,11 @@ def structure_record(model: nn.Module) -> Optional[dict]:
     """The structure record of `model` (layer keys and indices in the ORIGINAL numbering), None when nothing is pruned."""
     summary = structure_summary(model)
     depth_or_width = bool(summary["pruned_layers"] or summary["pruned_hidden"])
-    experts = bool(summary["pruned_experts"])
+    experts = bool(summary["pruned_experts"]) or bool(summary["pruned_layers"] and summary["original_stack_layers"])
     if not summary["pruned_heads"] and not summary["pruned_neurons"] and not depth_or_width and not experts:
         return None
     original = original_layer_indices(model)
-    if len(summary["heads_per_layer"]) != len(original):
-        # Several attention blocks per layer (encoder-decoder models, which keep their depth): heads are keyed by
-        # attention block.
-        heads_key = list(range(len(summary["heads_per_layer"])))
-    else:
-        heads_key = original
+    heads_key = original_site_indices(model)  # the layers' own indices where each layer has one attention block
     record = {
         "format_version": 3 if experts else 2 if depth_or_width else 1,
         # JSON object keys are strings: written as such so that the in-memory and the reloaded config agree.
@@ -91,6 +86,8 @@ def structure_record(model: nn.Module) -> Optional[dict]:
     }
     if depth_or_width or experts:
         record.update({key: summary[key] for key in DEPTH_WIDTH_KEYS})
+        if summary.get("original_stack_layers"):
+            record["original_stack_layers"] = summary["original_stack_layers"]
     if experts:
         record["pruned_experts"] = {str(original[k]): v for k, v in summary["pruned_experts"].items()}
         record["experts_per_layer"] = summary["experts_per_layer"]
@@ -126,7 +123,7 @@ def read_record(record: Any, source: str) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"hf_prune: the structure record in {source} must be a JSON object, got {type(record).__name__}.")
     version = record.get("format_version", 1)
-    unknown = sorted(set(record) - set(RECORD_KEYS) - set(DEPTH_WIDTH_KEYS) - set(EXPERT_KEYS) - set(SUMMARY_ONLY_KEYS))
+    unknown = sorted(set(record) - set(RECORD_KEYS) - set(DEPTH_WIDTH_KEYS) - set(FORMAT_3_KEYS) - set(SUMMARY_ONLY_KEYS))
     if isinstance(version, int) and version > STRUCTURE_FORMAT_VERSION:
         logger.warning(
             "hf_prune: the structure record in %s was written by a newer hf_prune (format_version %s, this one reads "
@@ -141,6 +138,8 @@ def read_record(record: Any, source: str) -> dict:
             "pruned_layers": sorted({int(i) for i in record.get("pruned_layers") or ()}),
             "pruned_hidden": sorted({int(i) for i in record.get("pruned_hidden") or ()}),
         }
+        if isinstance(record.get("original_stack_layers"), dict):
+            result["original_stack_layers"] = {str(k): int(v) for k, v in record["original_stack_layers"].items()}
         for key in ("original_num_layers", "num_layers", "original_hidden_size", "hidden_size", "norm_elements"):
             if record.get(key) is not None:
                 result[key] = int(record[key])

@@ -23,6 +23,7 @@ from .layout import (
     pruned_heads_of,
     pruned_hidden_of,
     pruned_layers_of,
+    stack_layer_field,
     pruned_neurons_of,
 )
 from .standins import ExactLayerNorm, ExactRMSNorm
@@ -99,6 +100,10 @@ def structure_summary(model: nn.Module) -> dict:
         "experts_per_layer": experts_per_layer,
         "pruned_experts": pruned_experts,
         "original_num_layers": len(layers) + len(pruned_layers_of(layers)),
+        "original_stack_layers": {} if len(layers.stacks) == 1 else {
+            stack_layer_field(model.config, stack): len(stack.layers) + len(pruned_layers_of(stack.layers))
+            for stack in layers.stacks
+        },
         "pruned_layers": sorted(pruned_layers_of(layers)),
         "hidden_size": hidden,
         "original_hidden_size": hidden + len(pruned_hidden),
