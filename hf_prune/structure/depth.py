@@ -102,9 +102,10 @@ def prune_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         if not local_new:
             continue
         if not positions:
+            where = "" if single else f" of {stack.path!r}"
             raise ValueError(
-                f"hf_prune.prune_layers: layers= would remove all {len(kept)} layers left in {stack.path!r} (of "
-                f"{count}); at least one must stay."
+                f"hf_prune.prune_layers: layers= would remove all {len(kept)} layers left (of {count}){where}; at "
+                "least one must stay."
             )
         for pos, i in enumerate(kept):
             if i in local_new:
