@@ -73,7 +73,8 @@ FAMILIES = {
                                          shared_expert_intermediate_size=16), "Qwen2MoeForCausalLM", "text"),
     "bart": ("BartConfig", SEQ2SEQ, "BartForConditionalGeneration", "seq2seq"),
     "t5": ("T5Config", T5, "T5ForConditionalGeneration", "seq2seq"),
-    "t5-gated": ("T5Config", dict(T5, feed_forward_proj="gated-gelu"), "T5ForConditionalGeneration", "seq2seq"),
+    "t5-gated": ("T5Config", dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                 "T5ForConditionalGeneration", "seq2seq"),
     "whisper": ("WhisperConfig", dict(SEQ2SEQ, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
                                       decoder_start_token_id=2, suppress_tokens=None, begin_suppress_tokens=None),
                 "WhisperForConditionalGeneration", "speech"),
@@ -343,7 +344,7 @@ def test_a_registered_layout_reaches_a_new_family():
 SINGLE_STACK = [f for f in sorted(FAMILIES) if FAMILIES[f][3] not in ("seq2seq", "speech")]
 DECODERS = [f for f in sorted(FAMILIES) if FAMILIES[f][2].endswith(("CausalLM", "LMHeadModel"))]
 # Families whose hidden size (width) hf_prune removes; the others refuse with the reason, tested below.
-WIDTH = ["bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
+WIDTH = ["bart", "bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mpnet", "t5-gated", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
 
 
 @pytest.mark.parametrize("family", SINGLE_STACK)

@@ -169,6 +169,9 @@ class HiddenLayout:
     """
 
     embeddings: tuple[str, ...]  # nn.Embedding tables whose rows are hidden vectors, where present
+    # Modules that do not touch the hidden size although a dimension may equal it (per-head position tables);
+    # paths relative to the base model, or to one layer when they start with "layer."
+    untouched: tuple[str, ...] = ()
     writers: tuple[str, ...] = ()  # projections outside the layers whose outputs are hidden channels, where present
     norms: tuple[str, ...] = ()  # LayerNorm / RMSNorm over the hidden size outside the layers
     layer_norms: tuple[str, ...] = ()
@@ -176,6 +179,8 @@ class HiddenLayout:
     layer_size_attrs: tuple[str, ...] = ()
     config_changes: tuple[str, ...] = ()  # config fields to pin when the hidden size changes ("head_dim")
     refuse: str = ""  # why width pruning would change this family's outputs beyond the removed channels
+    # (config fields, reason): refused when the first of the fields the config has is true.
+    refuse_when: tuple[tuple[tuple[str, ...], str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -683,9 +688,18 @@ ADAPTED_READERS = ("classifier", "classifier.out_proj", "head.norm")
 def hidden_layout(model: nn.Module, layout: Layout) -> HiddenLayout:
     """The `HiddenLayout` of `model`'s family, or a ValueError saying why width pruning does not apply."""
     spec = layout.hidden
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    reason = ""
     if spec is None or spec.refuse:
         reason = spec.refuse if spec is not None else "its embeddings and norms are not described in its layout"
+    else:
+        for fields, why in spec.refuse_when:
+            present = [f for f in fields if hasattr(config, f)]
+            if present and getattr(config, present[0]):
+                reason = why
+                break
+    if reason:
         raise ValueError(
             f"hf_prune: width pruning (hidden channels) is not available for {type(model).__name__} "
             f"(model_type={model_type!r}, layout {layout.name!r}): {reason}."

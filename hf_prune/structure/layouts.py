@@ -123,6 +123,12 @@ LAYOUTS = (
             head_inputs=("position_bias",),
         ),),
         mlp=_BERT_MLP,
+        hidden=HiddenLayout(
+            untouched=("encoder.relative_attention_bias",),  # buckets x heads
+            embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings"),
+            norms=("embeddings.LayerNorm",),
+            layer_norms=("attention.LayerNorm", "output.LayerNorm"),
+        ),
     ),
     Layout(
         name="distilbert",
@@ -237,11 +243,16 @@ LAYOUTS = (
         attentions=(_BART_ATTENTION, _BART_CROSS_ATTENTION),
         mlp=MlpLayout(owner="", inputs=("fc1",), output="fc2", activation="activation_fn"),
         hidden=HiddenLayout(
-            embeddings=("embed_tokens", "decoder.embed_tokens", "decoder.embed_positions"),
+            # BART-style models (their `shared` table is also each stack's embed_tokens) and OPT (one decoder).
+            embeddings=("shared", "encoder.embed_tokens", "encoder.embed_positions", "decoder.embed_tokens",
+                        "decoder.embed_positions"),
             writers=("decoder.project_in",),
-            norms=("decoder.final_layer_norm",),
-            layer_norms=("self_attn_layer_norm", "final_layer_norm"),
+            norms=("encoder.layernorm_embedding", "decoder.layernorm_embedding", "encoder.layer_norm",
+                   "decoder.layer_norm", "decoder.final_layer_norm"),
+            layer_norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
             layer_size_attrs=(".embed_dim",),
+            refuse_when=((("scale_embedding",), "the embeddings are multiplied by sqrt(d_model) (scale_embedding=True), "
+                                             "which a narrower width would change"),),
         ),
     ),
     *(
@@ -261,6 +272,18 @@ LAYOUTS = (
                 inputs=(f"layer.{ff}.DenseReluDense.wi_0", f"layer.{ff}.DenseReluDense.wi_1") if gated
                 else (f"layer.{ff}.DenseReluDense.wi",),
                 output=f"layer.{ff}.DenseReluDense.wo", activation=f"layer.{ff}.DenseReluDense.act", gated=gated,
+            ),
+            hidden=HiddenLayout(
+                untouched=tuple(f"layer.{i}.{name}.relative_attention_bias" for i, name in
+                                ((0, "SelfAttention"), (1, "EncDecAttention"))),  # buckets x heads, per layer
+                embeddings=("shared", "encoder.embed_tokens", "decoder.embed_tokens"),
+                norms=("encoder.final_layer_norm", "decoder.final_layer_norm"),
+                layer_norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
+                # Transformers 5 names the switch scale_decoder_outputs; 4.x reads tie_word_embeddings.
+                refuse_when=((("scale_decoder_outputs", "tie_word_embeddings"),
+                              "this T5 scales its decoder output by d_model ** -0.5 (original T5 with tied "
+                              "embeddings), which a narrower width would change; T5 v1.1 / Flan-T5 checkpoints "
+                              "(tie_word_embeddings=False) are supported"),),
             ),
         )
         for stack, ff in (("decoder", 2), ("encoder", 1))

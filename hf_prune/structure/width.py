@@ -86,6 +86,8 @@ def _norm_kind(module: nn.Module) -> str:
         return "layer"
     if isinstance(module, ExactRMSNorm) or type(module).__name__.endswith("RMSNorm"):
         return "rms"
+    if hasattr(module, "variance_epsilon") and getattr(module, "bias", None) is None:
+        return "rms"  # T5LayerNorm: a root-mean-square norm under another name
     return ""
 
 
@@ -126,6 +128,10 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
     projected = bool(sites.writers)
     if not (sites.embeddings or projected) or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
         raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
+    for path in spec.untouched:
+        module = None if path.startswith("layer.") else _optional(model, _join(base_path, path))
+        if module is not None:
+            sites.untouched.append((_join(base_path, path), module))
     norm_paths = [_join(base_path, p) for p in spec.norms
                   if (m := _optional(model, _join(base_path, p))) is not None
                   and getattr(getattr(m, "weight", None), "shape", (width,))[0] == width]
@@ -144,6 +150,10 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
         outputs = [a.output for a in stack.layout.attentions if a.present(layer)] + [mlp.output]
         for path in outputs:
             sites.writers.append((_join(layer_path, path), required(_join(layer_path, path))))
+        for path in layer_spec.untouched:
+            module = _optional(model, _join(layer_path, path)) if path.startswith("layer.") else None
+            if module is not None:
+                sites.untouched.append((_join(layer_path, path), module))
         for spec_attr in layer_spec.layer_size_attrs:
             path, _, attr = spec_attr.rpartition(".")
             owner = _optional(model, _join(layer_path, path))
@@ -163,21 +173,26 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
             sites.size_attrs.append((owner, attr))
 
     adapters = [_join(base_path, p) for p in BASE_ADAPTERS]
-    if base is not model:
-        adapters += list(HEAD_ADAPTERS)
-    adapters = [p for p in adapters if _optional(model, p) is not None]
+    # Task heads sit on the model root, also where the root is its own base model (T5ForConditionalGeneration).
+    adapters += list(HEAD_ADAPTERS)
+    adapters = [p for p in dict.fromkeys(adapters) if _optional(model, p) is not None]
     sites.readers += [(p, model.get_submodule(p)) for p in adapters]
-    if base is not model:
-        readers = list(HEAD_READERS) + ([] if adapters else ["classifier"])
-        for path in readers:
-            module = _optional(model, path)
-            if module is not None and is_prunable_module(module):
-                sites.readers.append((path, module))
-        if adapters:
-            sites.untouched += [(p, m) for p in ADAPTED_READERS if (m := _optional(model, p)) is not None]
+    for path in list(HEAD_READERS) + ([] if adapters else ["classifier"]):
+        module = _optional(model, path)
+        if module is not None and is_prunable_module(module):
+            sites.readers.append((path, module))
+    if adapters:
+        sites.untouched += [(p, m) for p in ADAPTED_READERS if (m := _optional(model, p)) is not None]
     for path, module in sites.readers + sites.writers:
         if not (is_prunable_module(module) or isinstance(module, (ZeroWidth, BiasOnly))):
             raise ValueError(f"hf_prune: width pruning cannot slice {path!r} ({type(module).__name__}).")
+    for name in ("embeddings", "norms", "readers", "writers"):
+        unique, seen = [], set()
+        for path, module in getattr(sites, name):
+            if id(module) not in seen:
+                seen.add(id(module))
+                unique.append((path, module))
+        setattr(sites, name, unique)
     _check_nothing_else(model, sites)
     return sites
 
