@@ -214,6 +214,15 @@ def _resolve_task(model: nn.Module, task: Optional[str], summary: dict, notes: l
 
     importlib.import_module("optimum.exporters.onnx.model_configs")  # registers the ONNX configs with TasksManager
 
+    if getattr(model.config, "is_encoder_decoder", False):
+        # Optimum writes such models as an encoder graph and a decoder graph (with and without the cache); hf_prune's
+        # verification, quantization and create_session handle one graph.
+        raise ValueError(
+            f"export_onnx exports single-graph models (encoders, decoders, vision and audio encoders); "
+            f"{type(model).__name__} is an encoder-decoder model, which Optimum writes as separate encoder and decoder "
+            "graphs that hf_prune does not verify or serve yet. Its pruned checkpoint still reloads with load_pruned "
+            "and runs in PyTorch."
+        )
     inferred = task is None
     if task is None:
         try:
@@ -281,6 +290,9 @@ def _sample_inputs(model: nn.Module, tokenizer: Any, inputs: dict[str, list]) ->
             feed[name] = np.zeros_like(input_ids, dtype=np.int64)
         elif name == "position_ids":
             feed[name] = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
+        elif name == "input_values":
+            # Speech encoders on raw audio (wav2vec2 and its relatives): one second of seeded noise at 16 kHz.
+            feed[name] = np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32)
         elif name == "pixel_values" and isinstance(getattr(model.config, "image_size", None), int):
             # Vision encoders (ViT and its relatives): seeded images at the size the config was trained for.
             size, channels = model.config.image_size, int(getattr(model.config, "num_channels", 3))

@@ -344,7 +344,7 @@ def test_a_registered_layout_reaches_a_new_family():
 SINGLE_STACK = [f for f in sorted(FAMILIES) if FAMILIES[f][3] not in ("seq2seq", "speech")]
 DECODERS = [f for f in sorted(FAMILIES) if FAMILIES[f][2].endswith(("CausalLM", "LMHeadModel"))]
 # Families whose hidden size (width) hf_prune removes; the others refuse with the reason, tested below.
-WIDTH = ["bart", "bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mpnet", "t5-gated", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
+WIDTH = ["bart", "vit", "whisper", "bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mpnet", "t5-gated", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
 
 
 @pytest.mark.parametrize("family", SINGLE_STACK)
@@ -482,7 +482,7 @@ def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(famil
 
 
 @pytest.mark.onnx
-@pytest.mark.parametrize("family", ["deberta-v2", "modernbert", "vit", "phi3"])
+@pytest.mark.parametrize("family", ["deberta-v2", "modernbert", "vit", "phi3", "wav2vec2"])
 def test_a_pruned_model_of_another_family_exports_to_onnx_runtime(family, tmp_path):
     """Optimum's exporter on the pruned, reloaded model; ONNX Runtime checked against PyTorch by export_onnx."""
     pytest.importorskip("optimum.onnxruntime")
@@ -519,3 +519,13 @@ def test_encoder_decoder_layers_removed_per_stack_reload(family, tmp_path):
     if family.startswith("t5"):
         with pytest.raises(ValueError, match="relative position bias"):
             hf_prune.prune_layers(build(family), [encoder])
+
+
+@pytest.mark.onnx
+def test_encoder_decoder_export_is_refused_before_any_work(tmp_path):
+    pytest.importorskip("optimum.onnxruntime")
+    model = build("bart")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="encoder-decoder model"):
+        hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "onnx"))
+    assert not (tmp_path / "onnx").exists()

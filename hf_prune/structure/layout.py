@@ -172,7 +172,9 @@ class HiddenLayout:
     # Modules that do not touch the hidden size although a dimension may equal it (per-head position tables);
     # paths relative to the base model, or to one layer when they start with "layer."
     untouched: tuple[str, ...] = ()
-    writers: tuple[str, ...] = ()  # projections outside the layers whose outputs are hidden channels, where present
+    writers: tuple[str, ...] = ()  # projections or convolutions outside the layers writing hidden channels, where present
+    readers: tuple[str, ...] = ()  # convolutions outside the layers reading hidden channels (Whisper's second conv)
+    parameters: tuple[str, ...] = ()  # bare parameters whose last dimension is the hidden size (ViT's cls token)
     norms: tuple[str, ...] = ()  # LayerNorm / RMSNorm over the hidden size outside the layers
     layer_norms: tuple[str, ...] = ()
     size_attrs: tuple[str, ...] = ()  # "path.attribute" holding the hidden size, kept in step (bookkeeping only)
@@ -680,7 +682,7 @@ def hidden_size_of(layout: Layout, layers: Sequence[nn.Module]) -> int:
 # stream, its outputs are not, so what reads them ("classifier" after an adapter) keeps its shape.
 BASE_ADAPTERS = ("pooler.dense",)
 HEAD_ADAPTERS = ("classifier.dense", "pre_classifier", "pooler.dense", "head.dense")  # DeBERTa, ModernBERT
-HEAD_READERS = ("qa_outputs", "score", "lm_head", "embed_out")
+HEAD_READERS = ("qa_outputs", "score", "lm_head", "embed_out", "proj_out")  # proj_out: Whisper
 # Read an adapter's output when there is one (ModernBERT normalises it first).
 ADAPTED_READERS = ("classifier", "classifier.out_proj", "head.norm")
 

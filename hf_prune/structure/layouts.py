@@ -37,6 +37,13 @@ _BART_CROSS_ATTENTION = AttentionLayout(
     query="encoder_attn.q_proj", key="encoder_attn.k_proj", value="encoder_attn.v_proj",
     width_attrs=("all_head_size", "inner_dim", "embed_dim"), optional=True, cross=True,
 )
+_VIT_HIDDEN = HiddenLayout(
+    embeddings=(),
+    parameters=("embeddings.cls_token", "embeddings.position_embeddings", "embeddings.mask_token"),
+    writers=("embeddings.patch_embeddings.projection",),  # a convolution: one output channel per hidden channel
+    norms=("layernorm",),
+    layer_norms=("layernorm_before", "layernorm_after"),
+)
 _BERT_MLP = MlpLayout(owner="intermediate", inputs=("intermediate.dense",), output="output.dense",
                       activation="intermediate.intermediate_act_fn")
 
@@ -104,6 +111,7 @@ LAYOUTS = (
             query="attention.attention.query", key="attention.attention.key", value="attention.attention.value",
         ),),
         mlp=_BERT_MLP,
+        hidden=_VIT_HIDDEN,
     ),
     Layout(
         name="vit-proj",
@@ -113,6 +121,7 @@ LAYOUTS = (
             query="attention.q_proj", key="attention.k_proj", value="attention.v_proj",
         ),),
         mlp=MlpLayout(owner="mlp", inputs=("mlp.fc1",), output="mlp.fc2", activation="mlp.activation_fn"),
+        hidden=_VIT_HIDDEN,
     ),
     Layout(
         name="mpnet",
@@ -246,7 +255,8 @@ LAYOUTS = (
             # BART-style models (their `shared` table is also each stack's embed_tokens) and OPT (one decoder).
             embeddings=("shared", "encoder.embed_tokens", "encoder.embed_positions", "decoder.embed_tokens",
                         "decoder.embed_positions"),
-            writers=("decoder.project_in",),
+            writers=("decoder.project_in", "encoder.conv1", "encoder.conv2"),  # Whisper's audio convolutions
+            readers=("encoder.conv2",),
             norms=("encoder.layernorm_embedding", "decoder.layernorm_embedding", "encoder.layer_norm",
                    "decoder.layer_norm", "decoder.final_layer_norm"),
             layer_norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
@@ -300,6 +310,11 @@ LAYOUTS = (
         ),),
         mlp=MlpLayout(owner="feed_forward", inputs=("feed_forward.intermediate_dense",),
                       output="feed_forward.output_dense", activation="feed_forward.intermediate_act_fn"),
+        hidden=HiddenLayout(
+            embeddings=(),
+            refuse="its positional convolution mixes the hidden channels in groups (num_conv_pos_embedding_groups), "
+                   "which removing single channels would break",
+        ),
     ),
     Layout(
         name="moe",

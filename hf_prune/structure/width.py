@@ -59,6 +59,7 @@ class HiddenSites:
     original: int  # hidden size before any channel was removed
     pruned: set[int]  # ORIGINAL indices of the channels already removed
     embeddings: list[tuple[str, nn.Module]] = field(default_factory=list)
+    parameters: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # (path, owner, name): last dim
     norms: list[tuple[str, nn.Module]] = field(default_factory=list)
     readers: list[tuple[str, nn.Module]] = field(default_factory=list)  # inputs are hidden channels
     writers: list[tuple[str, nn.Module]] = field(default_factory=list)  # outputs are hidden channels
@@ -126,6 +127,15 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
         if module is not None:
             sites.writers.append((_join(base_path, path), module))
     projected = bool(sites.writers)
+    for path in spec.readers:
+        module = _optional(model, _join(base_path, path))
+        if module is not None:
+            sites.readers.append((_join(base_path, path), module))
+    for path in spec.parameters:
+        owner_path, _, name = _join(base_path, path).rpartition(".")
+        owner = _optional(model, owner_path)
+        if isinstance(getattr(owner, name, None), nn.Parameter) and getattr(owner, name).shape[-1] == width:
+            sites.parameters.append((_join(base_path, path), owner, name))
     if not (sites.embeddings or projected) or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
         raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
     for path in spec.untouched:
@@ -184,7 +194,7 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
     if adapters:
         sites.untouched += [(p, m) for p in ADAPTED_READERS if (m := _optional(model, p)) is not None]
     for path, module in sites.readers + sites.writers:
-        if not (is_prunable_module(module) or isinstance(module, (ZeroWidth, BiasOnly))):
+        if not (is_prunable_module(module) or _is_conv(module) or isinstance(module, (ZeroWidth, BiasOnly))):
             raise ValueError(f"hf_prune: width pruning cannot slice {path!r} ({type(module).__name__}).")
     for name in ("embeddings", "norms", "readers", "writers"):
         unique, seen = [], set()
@@ -201,6 +211,7 @@ def _check_nothing_else(model: nn.Module, sites: HiddenSites) -> None:
     claimed = set()
     for _, module in sites.embeddings + sites.norms + sites.readers + sites.writers + sites.untouched:
         claimed.update(id(p) for p in module.parameters())
+    claimed.update(id(getattr(owner, name)) for _, owner, name in sites.parameters)
     unknown = [
         name for name, param in model.named_parameters()
         if id(param) not in claimed and sites.width in param.shape
@@ -284,8 +295,15 @@ def _prune_norm(model: nn.Module, path: str, module: nn.Module, slicer: _Slicer,
         set_module(model, path, new.train(module.training))
 
 
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+
+
 def _prune_reader(module: nn.Module, slicer: _Slicer, n: int) -> None:
-    if isinstance(module, ZeroWidth):
+    if _is_conv(module):  # input channels: weight (out, in, *kernel)
+        module.weight = slicer(module.weight, 1)
+        module.in_channels = n
+    elif isinstance(module, ZeroWidth):
         module.in_features = n
     elif is_conv1d(module):
         module.weight = slicer(module.weight, 0)
@@ -296,6 +314,12 @@ def _prune_reader(module: nn.Module, slicer: _Slicer, n: int) -> None:
 
 
 def _prune_writer(module: nn.Module, slicer: _Slicer, n: int) -> None:
+    if _is_conv(module):  # output channels
+        module.weight = slicer(module.weight, 0)
+        if module.bias is not None:
+            module.bias = slicer(module.bias, 0)
+        module.out_channels = n
+        return
     if not isinstance(module, BiasOnly):
         module.weight = slicer(module.weight, 1 if is_conv1d(module) else 0)
     if module.bias is not None:
@@ -356,6 +380,8 @@ def prune_hidden(model: nn.Module, channels: Iterable[int], exact: bool = False)
     for _, module in sites.embeddings:
         module.weight = slicer(module.weight, 1)
         module.embedding_dim = n
+    for _, owner, name in sites.parameters:
+        setattr(owner, name, slicer(getattr(owner, name), getattr(owner, name).dim() - 1))
     for path, module in sites.norms:
         _prune_norm(model, path, module, slicer, sites.width, exact)
     for _, module in sites.readers:
@@ -397,6 +423,8 @@ def hidden_channel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter,
 
     for path, module in sites.embeddings:
         add(f"{path}.weight", module.weight, 1)
+    for path, owner, name in sites.parameters:
+        add(path, getattr(owner, name), getattr(owner, name).dim() - 1)
     for path, module in sites.writers:
         if not isinstance(module, BiasOnly):
             add(f"{path}.weight", module.weight, 1 if is_conv1d(module) else 0)
