@@ -2,6 +2,9 @@
 
     python benchmarks/step_overhead.py --steps 40 --rounds 3
 
+Arms: a plain Trainer, each gradual weight method at 90% unstructured, and `structured` (half the heads and FFN
+neurons masked gradually, removed at the end).
+
 Two measurements per arm, both written to benchmarks/results/step_overhead.{json,md}:
 
 - wall clock: each arm's time per step, median over rounds; arms run interleaved, in an order rotated every round,
@@ -98,8 +101,11 @@ def run_arm(arm: str, data, model_path: str, steps: int, interval: int, batch: i
         if arm == "plain":
             trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[optimizer_timer, step_timer])
         else:
-            config = PruningConfig(method=arm, target_sparsity=0.9, warmup_fraction=0.0, cooldown_fraction=0.0,
-                                   pruning_interval=interval)
+            # "structured": half the heads and half the FFN neurons masked gradually from Taylor scores read off
+            # every step's gradients (hf_prune.units.gradual), removed physically when training ends.
+            method, target, units = ("magnitude", 0.0, 0.5) if arm == "structured" else (arm, 0.9, 0.0)
+            config = PruningConfig(method=method, target_sparsity=target, head_sparsity=units, neuron_sparsity=units,
+                                   warmup_fraction=0.0, cooldown_fraction=0.0, pruning_interval=interval)
             trainer = PruningTrainer(model=model, args=args, pruning_config=config, train_dataset=data,
                                      callbacks=[optimizer_timer, step_timer])
             time_engine(trainer.pruner, engine)
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interval", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--arms", nargs="+", default=["plain", "magnitude", "movement", "soft_movement"])
+    parser.add_argument("--arms", nargs="+", default=["plain", "magnitude", "movement", "soft_movement", "structured"])
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead"))
     args = parser.parse_args(argv)
     if "plain" not in args.arms:
@@ -173,7 +179,8 @@ def main(argv=None) -> int:
         json.dump(results, handle, indent=2)
     lines = [
         f"Per-step cost, MiniLM (22.7M), batch {args.batch}, seq 64, {args.steps} steps x {args.rounds} rounds "
-        f"(median), {torch.get_num_threads()} threads, pruning to 90% with mask updates every {args.interval} steps. "
+        f"(median), {torch.get_num_threads()} threads, pruning to 90% (structured: half the heads and FFN neurons) with "
+        f"mask updates every {args.interval} steps. "
         "Attributed: time in the pruning engine plus extra optimizer time, over the plain step (robust to machine "
         "noise); step loop: mean time from step begin to step end (mask updates included, start-up and tear-down "
         "excluded); wall clock: whole train() time per step (noisy by a few percent here).",

@@ -90,11 +90,25 @@ class JobArguments:
         metadata={"help": "Load a checkpoint whose classification head has another number of labels than the data "
                   "(the head is then initialised anew)."},
     )
+    dense_only: bool = field(
+        default=False,
+        metadata={"help": "Fine-tune and score the dense arm only (a baseline, or the fine-tuned model `hf-prune "
+                  "optimize` starts from); no pruned arm."},
+    )
 
     def __post_init__(self) -> None:
         value = self.pruning_learning_rate
         if value is not None and value <= 0:
             raise ValueError(f"--pruning_learning_rate {value!r} is invalid: must be > 0.")
+        if self.dense_only and self.teacher_path:
+            raise ValueError("--dense_only fine-tunes the dense arm, --teacher_path reuses one instead of training "
+                             "it: give one of them.")
+
+
+def _write_results(results: dict, output_dir: str) -> None:
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(os.path.join(output_dir, "results.md"), format_results(results))
+    logger.info(f"results: {os.path.join(output_dir, 'results.json')}, {os.path.join(output_dir, 'results.md')}")
 
 
 # ------------------------------------------------------------------------------------------------ arms
@@ -369,6 +383,9 @@ def run_job(
         logger.info(f"dense arm: scoring on the test split ({len(data['test'])} examples)")
         results["arms"]["dense"] = score_arm(dense_trainer, data["test"], pruning_config, seconds)
         _finish_arm(dense_trainer, "dense", job_data, results["arms"])
+    if job.dense_only:
+        _write_results(results, output_dir)
+        return results
 
     pruned_args = arm_training_arguments(training_args, "pruned", learning_rate=job.pruning_learning_rate)
     start_from = (job.teacher_path or dense_args.output_dir) if job.prune_from_dense else None
@@ -390,9 +407,7 @@ def run_job(
     results["arms"]["pruned"] = score_arm(trainer, data["test"], pruning_config, seconds)
     _finish_arm(trainer, "pruned", job_data, results["arms"])
 
-    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-    atomic_write_text(os.path.join(output_dir, "results.md"), format_results(results))
-    logger.info(f"results: {os.path.join(output_dir, 'results.json')}, {os.path.join(output_dir, 'results.md')}")
+    _write_results(results, output_dir)
     for path in write_plots(trainer, pruning_config, output_dir).values():
         logger.info(f"plot: {path}")
     return results

@@ -97,6 +97,19 @@ def test_train_on_a_csv_with_string_labels(model_dir, tmp_path, capsys):
     assert (out / "pruned" / "pruning_config.json").is_file()
 
 
+def test_dense_only_fine_tunes_the_dense_arm_alone(model_dir, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", labelled(40, ["positive", "negative"]))
+    test = write_csv(tmp_path / "test.csv", labelled(10, ["negative", "positive"], seed=2))
+    out = tmp_path / "out"
+    assert main(tiny_run(model_dir, out, "--train_file", train, "--test_file", test, "--dense_only")) == 0
+    assert "pruned arm" not in capsys.readouterr().err
+    assert set(json.loads((out / "results.json").read_text())["arms"]) == {"dense"}
+    assert transformers.AutoModelForSequenceClassification.from_pretrained(out / "dense").config.num_labels == 2
+    assert not (out / "pruned").exists()
+    with pytest.raises(SystemExit, match="--dense_only"):
+        main(tiny_run(model_dir, tmp_path / "out2", "--train_file", train, "--dense_only", "--teacher_path", "x"))
+
+
 def test_train_on_jsonl_sentence_pairs_with_integer_labels(model_dir, tmp_path):
     def pairs(n, seed):
         return [{"sentence1": a, "sentence2": b, "label": i % 3}

@@ -17,7 +17,8 @@ from conftest import spread_weights
 import hf_prune
 from hf_prune.linear import is_conv1d
 from hf_prune.structure import attention_sites, find_layers, structure_summary
-from hf_prune.structure.layout import find_module, get_module, group_size_of, head_dim_of, kept_heads_of
+from hf_prune.structure.layout import group_size_of, head_dim_of, kept_heads_of
+from hf_prune.structure.paths import find_module, get_module
 
 MAJOR = int(transformers.__version__.split(".")[0])
 TEXT = dict(vocab_size=99, pad_token_id=0, max_position_embeddings=64)

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from ..masks import sparsity_report
-from ..structure.layout import registered_layouts
+from ..structure.spec import registered_layouts
 from .canvas import clamp, draw_heatmap, new_figure, save_figure
 
 # The transformer block a module lives in, and its path inside the block (the naming `DEFAULT_TARGETS` matches).

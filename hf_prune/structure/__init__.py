@@ -17,13 +17,16 @@ DistilBERT, ViT, GPT-2, Llama-style, Gemma, Phi-3, GPT-NeoX, Falcon, BART-style 
 mixture-of-experts attention), under Transformers 4.x and 5.x; `register_layout` adds one.
 
 Modules, one job each:
-    layout    how a family is described (Layout), the registry, and the layer view every module reads
+    paths     modules by dotted path
+    spec      how a family is described (Layout and its parts) and the registry
     layouts   the built-in family table
+    layout    the layer view every module reads: stacks, attention blocks, heads, neurons, experts
     slicing   slicing one Linear / Conv1D in place
     standins  what replaces an attention or MLP block that lost all its heads or neurons; exact-statistics norms
     removal   `prune_heads`, `prune_ffn_neurons`
     depth     `prune_layers`
     experts   `prune_experts`, neurons inside experts (mixture-of-experts layers)
+    head_inputs  per-head tensors computed outside a block (MPNet's and T5's relative position bias)
     width     `prune_hidden`, `zero_hidden_channels`, where the residual stream is read and written
     empty     `remove_empty_structures` (heads and neurons that are exactly zero)
     summary   `structure_summary`
@@ -37,18 +40,11 @@ from .depth import prune_layers
 from .experts import prune_experts
 from .layout import (
     NEURONS_ATTR,
-    AttentionLayout,
     AttentionSite,
-    HiddenLayout,
     LayerView,
-    Layout,
-    MlpLayout,
     UnitSlot,
     attention_sites,
     find_layers,
-    register_layout,
-    registered_layouts,
-    unregister_layout,
     head_group_size,
     head_slots,
     neuron_slots,
@@ -56,6 +52,15 @@ from .layout import (
 )
 from .record import CONFIG_ATTR, STRUCTURE_FORMAT_VERSION, record_structure
 from .removal import prune_ffn_neurons, prune_heads
+from .spec import (
+    AttentionLayout,
+    HiddenLayout,
+    Layout,
+    MlpLayout,
+    register_layout,
+    registered_layouts,
+    unregister_layout,
+)
 from .standins import BiasOnly, EmptyAttention, ExactLayerNorm, ExactRMSNorm, NoHeadsSelfAttention, ZeroWidth
 from .summary import structure_summary
 from .width import (

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .layout import LAYERS_ATTR, find_layers, get_module, pruned_layers_of, stack_layer_field
+from .layout import LAYERS_ATTR, find_layers, pruned_layers_of, stack_layer_field
+from .paths import get_module
 from .record import check_config_change, record_structure
 from .removal import sync_config_pruned_heads
 from .standins import TRANSFORMERS_MAJOR

@@ -10,11 +10,8 @@ from torch import nn
 
 from ..linear import matrix_view
 from .layout import (
-    AttentionLayout,
-    MlpLayout,
     attention_sites,
     find_layers,
-    get_module,
     group_size_of,
     head_dim_of,
     kept_heads_of,
@@ -22,8 +19,9 @@ from .layout import (
     num_kv_heads_of,
     qkv_rows,
 )
+from .paths import get_module
+from .spec import AttentionLayout, MlpLayout
 from .removal import prune_ffn_neurons, prune_heads
-from .slicing import in_width_of
 
 def _all_zero(tensor: Optional[torch.Tensor]) -> bool:
     return tensor is None or not bool(tensor.any())

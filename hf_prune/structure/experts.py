@@ -23,15 +23,12 @@ from torch import nn
 from transformers.utils import logging
 
 from .layout import (
-    EXPERT_SIZE_ATTR,
     EXPERTS_ATTR,
+    EXPERT_SIZE_ATTR,
     NEURONS_ATTR,
-    Layout,
-    MoeLayout,
     expert_size,
     experts_are_fused,
     find_layers,
-    get_module,
     kept_experts_of,
     moe_kept_neurons,
     moe_neuron_total,
@@ -40,6 +37,8 @@ from .layout import (
     pruned_experts_of,
     shared_expert_total,
 )
+from .paths import get_module
+from .spec import Layout, MoeLayout
 from .record import record_structure
 from .slicing import in_width_of, keep_inputs, keep_outputs, out_width_of
 
@@ -172,7 +171,7 @@ def _slice_mlp(mlp: Any, root: nn.Module, keep: list[int], total: int) -> None:
     from .removal import fused_rows  # the dense MLP's helpers; removal imports nothing from here
     from .slicing import check_plain
     from .standins import BiasOnly, ZeroWidth
-    from .layout import set_module
+    from .paths import set_module
 
     if keep:
         index = torch.tensor(keep, dtype=torch.long)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layout import AttentionLayout, HiddenLayout, Layout, MlpLayout, MoeLayout, register_layout
+from .spec import AttentionLayout, HiddenLayout, Layout, MlpLayout, MoeLayout, register_layout
 from .standins import TRANSFORMERS_MAJOR
 
 _LLAMA_ATTENTION = AttentionLayout(

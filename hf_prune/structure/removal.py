@@ -10,7 +10,6 @@ model's config (`record_structure`), so any `save_pretrained` carries it.
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
@@ -19,13 +18,9 @@ from transformers.utils import logging
 
 from .layout import (
     NEURONS_ATTR,
-    AttentionLayout,
     AttentionSite,
-    Layout,
     attention_sites,
     find_layers,
-    find_module,
-    get_module,
     group_size_of,
     head_dim_of,
     kept_heads_of,
@@ -36,10 +31,11 @@ from .layout import (
     pruned_heads_of,
     pruned_neurons_of,
     qkv_rows,
-    set_module,
 )
+from .paths import find_module, get_module, set_module
+from .spec import AttentionLayout, Layout
 from .experts import prune_moe_neurons
-from .position_bias import share_position_bias
+from .head_inputs import select_head_inputs, share_position_bias
 from .record import record_structure
 from .slicing import channel_index, check_plain, in_width_of, keep_inputs, keep_outputs, out_width_of
 from .standins import TRANSFORMERS_MAJOR, BiasOnly, EmptyAttention, NoHeadsSelfAttention, ZeroWidth
@@ -134,33 +130,6 @@ def _own_config(core: nn.Module, spec: AttentionLayout, heads: int, kv: int) -> 
             setattr(config, field, heads if kind == "heads" else kv)
 
 
-def _select_head_inputs(spec: AttentionLayout, core: nn.Module, original: list[int]) -> None:
-    """Install (or replace) a forward pre-hook that keeps the block's heads of per-head inputs computed outside it."""
-    handle = getattr(core, "hf_prune_head_inputs_hook", None)
-    if handle is not None:
-        handle.remove()
-    if not spec.head_inputs:
-        return
-    names = list(inspect.signature(core.forward).parameters)
-    index = torch.tensor(original, dtype=torch.long)
-
-    def select(tensor: Any) -> Any:
-        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[1] > len(original):
-            return tensor.index_select(1, index.to(tensor.device))
-        return tensor
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-        args = list(args)
-        for name in spec.head_inputs:
-            if name in kwargs:
-                kwargs[name] = select(kwargs[name])
-            elif name in names and names.index(name) < len(args):
-                args[names.index(name)] = select(args[names.index(name)])
-        return tuple(args), kwargs
-
-    core.hf_prune_head_inputs_hook = core.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], original: list[int]) -> None:
     """hf_prune's own head removal; `keep` lists current head positions to keep (at least one), `original` their
     original indices."""
@@ -190,7 +159,7 @@ def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], 
     _set_present(core, spec.width_attrs, len(keep) * head_dim)
     _set_present(core, spec.kv_count_attrs, len(kv_keep))
     _own_config(core, spec, len(keep), len(kv_keep))
-    _select_head_inputs(spec, core, original)
+    select_head_inputs(core, spec.head_inputs, original)
     if spec.shared_position_bias:
         share_position_bias(core, original, total)
 
@@ -216,9 +185,7 @@ def _empty_attention(spec: AttentionLayout, layout: Layout, layer: nn.Module, pr
     check_plain(output, spec.output)
     bias_only = BiasOnly(_output_bias(output), out_width_of(output))
     layer_idx = getattr(core, "layer_idx", None)
-    handle = getattr(core, "hf_prune_head_inputs_hook", None)
-    if handle is not None:
-        handle.remove()
+    select_head_inputs(core, (), [])
     if not spec.output.startswith(spec.core + "."):
         # BERT-style: `attention.self` computes the heads, `attention.output` projects, adds and normalises.
         set_module(layer, spec.core, NoHeadsSelfAttention(head_dim, layer_idx))

@@ -8,23 +8,23 @@ from torch import nn
 
 from .layout import (
     attention_sites,
-    kept_experts_of,
-    moe_kept_neurons,
-    moe_neuron_total,
-    moe_pruned_neurons,
-    pruned_experts_of,
     find_layers,
     group_size_of,
     head_dim_of,
     hidden_size_of,
+    kept_experts_of,
     kept_heads_of,
     kept_neurons_of,
+    moe_kept_neurons,
+    moe_neuron_total,
+    moe_pruned_neurons,
     native_prune_heads_available,
+    pruned_experts_of,
     pruned_heads_of,
     pruned_hidden_of,
     pruned_layers_of,
-    stack_layer_field,
     pruned_neurons_of,
+    stack_layer_field,
 )
 from .standins import ExactLayerNorm, ExactRMSNorm
 

@@ -40,10 +40,9 @@ from .layout import (
     head_dim_of,
     hidden_layout,
     hidden_size_of,
-    module_path,
     pruned_hidden_of,
-    set_module,
 )
+from .paths import module_path, set_module
 from .record import check_config_change, record_structure
 from .slicing import check_plain
 from .standins import BiasOnly, ExactLayerNorm, ExactRMSNorm, ZeroWidth

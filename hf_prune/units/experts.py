@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..structure import find_layers, prune_experts
-from ..structure.layout import get_module, kept_experts_of, pruned_experts_of
+from ..structure.layout import kept_experts_of, pruned_experts_of
+from ..structure.paths import get_module
 from .base import scoring_batches, scoring_mode, token_mask
 
 

@@ -1,5 +1,10 @@
-"""A relative position bias computed once for every head and handed from layer to layer (T5), kept consistent when
-layers lose different heads.
+"""Per-head tensors computed outside an attention block for every ORIGINAL head, kept consistent when blocks lose
+different heads.
+
+MPNet computes one relative position bias `(batch, heads, queries, keys)` in its encoder and hands it to every
+layer: `select_head_inputs` installs a forward pre-hook that gives each block the heads it kept.
+
+T5 goes further: it computes its relative position bias in the first layer of each stack (`share_position_bias`).
 
 T5 computes its relative position bias `(1, heads, queries, keys)` in the first layer of each stack, from a table
 with one column per head, and passes the same tensor to every later layer (cross-attention gets a zero bias of the
@@ -23,6 +28,7 @@ from torch import nn
 from .standins import TRANSFORMERS_MAJOR
 
 _HOOKS = "hf_prune_position_bias_hooks"
+_SELECT_HOOK = "hf_prune_head_inputs_hook"
 ARGUMENT = "position_bias"
 
 
@@ -49,6 +55,27 @@ def _zero_bias(core: nn.Module, args: tuple, kwargs: dict, heads: int) -> torch.
     states = _argument(core, "key_value_states", args, kwargs)
     keys = states.shape[1] if states is not None else hidden.shape[1]
     return hidden.new_zeros((1, heads, hidden.shape[1], keys))
+
+
+def select_head_inputs(core: nn.Module, names: tuple[str, ...], kept: list[int]) -> None:
+    """(Re)install a forward pre-hook giving `core` the `kept` heads (ORIGINAL indices, axis 1) of the per-head
+    arguments `names`; with no names, remove it."""
+    handle = getattr(core, _SELECT_HOOK, None)
+    if handle is not None:
+        handle.remove()
+        delattr(core, _SELECT_HOOK)
+    if not names:
+        return
+    index = torch.tensor(kept, dtype=torch.long)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        for name in names:
+            tensor = _argument(module, name, args, kwargs)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[1] > len(kept):
+                args, kwargs = _set_argument(module, name, args, kwargs, tensor.index_select(1, index.to(tensor.device)))
+        return args, kwargs
+
+    setattr(core, _SELECT_HOOK, core.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def share_position_bias(core: nn.Module, kept: list[int], total: int) -> None:
