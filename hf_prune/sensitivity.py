@@ -202,6 +202,13 @@ def sensitivity_groups(
                 "params": sum(numel[n] for n in members)}
 
     groups: dict[str, dict[str, Any]] = {}
+    if "heads" in kinds and layers is not None and len(head_slots(model)) != len(layers):
+        # Encoder-decoder layers hold two attention blocks (self and cross): heads are keyed by block, not layer.
+        if explicit:
+            raise ValueError(f"analyze_sensitivity: groups=['heads'] measures one attention block per layer; "
+                             f"{type(model).__name__} has decoder layers with self- and cross-attention. Use "
+                             "groups=['attention', 'neurons', 'mlp', 'layer', 'linear'].")
+        kinds = [k for k in kinds if k != "heads"]
     slots = {"heads": head_slots(model) if "heads" in kinds else [],
              "neurons": neuron_slots(model) if "neurons" in kinds else []}
     group_size = head_group_size(model) if slots["heads"] else 1

@@ -530,3 +530,15 @@ def test_encoder_decoder_export_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="encoder-decoder model"):
         hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "onnx"))
     assert not (tmp_path / "onnx").exists()
+
+
+def test_sensitivity_groups_of_an_encoder_decoder_leave_heads_out_and_say_why():
+    from hf_prune.sensitivity import sensitivity_groups
+
+    model = build("bart")
+    kinds = {group["kind"] for group in sensitivity_groups(model).values()}
+    assert "heads" not in kinds and {"attention", "neurons", "layer"} <= kinds
+    with pytest.raises(ValueError, match="self- and cross-attention"):
+        sensitivity_groups(model, kinds=["heads"])
+    assert {g["kind"] for g in sensitivity_groups(build("phi3"), kinds=["heads", "neurons"]).values()} == {
+        "heads", "neurons"}
