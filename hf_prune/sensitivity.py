@@ -183,7 +183,7 @@ def sensitivity_groups(
         structured = [k for k in kinds if k in STRUCTURED_KINDS]
         if structured and explicit:
             raise ValueError(f"analyze_sensitivity: groups={structured} needs an architecture hf_prune.structure knows "
-                             f"(BERT-style, DistilBERT, GPT-2, Llama-style); {type(model).__name__} is not one. Use "
+                             f"(hf_prune.structure.registered_layouts()); {type(model).__name__} is not one. Use "
                              "groups=['linear', 'layer'].")
         kinds = [k for k in kinds if k not in STRUCTURED_KINDS]
     modules = find_target_modules(model, tuple(targets), tuple(exclude))

@@ -334,8 +334,8 @@ def prune_hidden(model: nn.Module, channels: Iterable[int], exact: bool = False)
     """Remove hidden (residual-stream) channels physically, in place; returns `model`.
 
     Args:
-        model: a BERT, RoBERTa, DistilBERT, GPT-2 or Llama/Mistral/Qwen2 Transformers model (base model, sequence or
-            token classification, question answering or causal LM), pruned in other ways or not.
+        model: a Transformers model whose layout describes its hidden size (README, the family table): a base model
+            or one with a task head, pruned in other ways or not.
         channels: hidden channel indices in the ORIGINAL numbering (0 to the unpruned hidden size - 1). Channels
             already removed are ignored, so calls compose; at least one channel must stay.
         exact: keep every LayerNorm / RMSNorm's statistics over the width they had before this call

@@ -104,7 +104,7 @@ def compute_layer_importance(
     """Importance of every transformer layer, higher means keep.
 
     Args:
-        model: a BERT-style, DistilBERT, GPT-2 or Llama-style model, pruned or not.
+        model: a Transformers model of a registered layout, pruned or not.
         dataloader: Trainer-style batches; `loss` needs `labels` unless the model is a causal LM. Padding tokens
             (attention mask 0) do not count for `block_influence`.
         method: "block_influence" (1 - cos(layer input, layer output), ShortGPT) or "loss" (loss with the layer

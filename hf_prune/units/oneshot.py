@@ -23,7 +23,7 @@ def compute_head_importance(
     """Importance of every attention head, higher means keep.
 
     Args:
-        model: a BERT-style, DistilBERT, GPT-2 or Llama-style Transformers model (pruned or not).
+        model: a Transformers model of a registered layout (pruned or not).
         dataloader: an iterable of Trainer-style batches (dicts with `input_ids`, `attention_mask`, `labels`);
             without `labels`, the language-modelling loss on `input_ids` is used.
         normalize_layers: divide each layer's scores by their L2 norm (Michel et al.).
