@@ -34,10 +34,10 @@ Modules, one job each:
     io        `save_structure`, `save_pruned`, `load_pruned`
 """
 
-from .empty import remove_empty_structures
-from .io import STRUCTURE_NAME, load_pruned, save_pruned, save_structure
 from .depth import prune_layers
+from .empty import remove_empty_structures
 from .experts import prune_experts
+from .io import STRUCTURE_NAME, load_pruned, save_pruned, save_structure
 from .layout import (
     NEURONS_ATTR,
     AttentionSite,

@@ -20,8 +20,8 @@ from .layout import (
     qkv_rows,
 )
 from .paths import get_module
-from .spec import AttentionLayout, MlpLayout
 from .removal import prune_ffn_neurons, prune_heads
+from .spec import AttentionLayout, MlpLayout
 
 def _all_zero(tensor: Optional[torch.Tensor]) -> bool:
     return tensor is None or not bool(tensor.any())

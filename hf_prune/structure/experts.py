@@ -16,7 +16,7 @@ Numbering is ORIGINAL throughout, as for heads: experts by their index in the un
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -33,14 +33,15 @@ from .layout import (
     moe_kept_neurons,
     moe_neuron_total,
     moe_pruned_neurons,
+    normalize_units,
     num_experts_of,
     pruned_experts_of,
     shared_expert_total,
 )
 from .paths import get_module
-from .spec import Layout, MoeLayout
 from .record import record_structure
-from .slicing import in_width_of, keep_inputs, keep_outputs, out_width_of
+from .slicing import in_width_of, keep_inputs, keep_outputs, out_width_of, replace_parameter
+from .spec import Layout, MoeLayout
 
 logger = logging.get_logger(__name__)
 
@@ -58,21 +59,6 @@ def _set_counts(moe: MoeLayout, layer: nn.Module, value: int) -> None:
                 setattr(module, attr, value)
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
-
-
-def _normalize(units: Optional[Mapping[Any, Iterable[int]]], num_layers: int, kind: str) -> dict[int, set[int]]:
-    result: dict[int, set[int]] = {}
-    for layer, indices in (units or {}).items():
-        layer = int(layer)
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"hf_prune: layer {layer} in the {kind} to prune does not exist (0 to {num_layers - 1}).")
-        result.setdefault(layer, set()).update(int(i) for i in indices)
-    return result
-
-
 @torch.no_grad()
 def prune_experts(model: nn.Module, experts: Mapping[int, Iterable[int]]) -> nn.Module:
     """Remove whole experts of mixture-of-experts layers physically, in place; returns `model`.
@@ -86,7 +72,7 @@ def prune_experts(model: nn.Module, experts: Mapping[int, Iterable[int]]) -> nn.
     routes them when those experts' logits are minus infinity. Reload with `load_pruned`.
     """
     _, layers = find_layers(model)
-    requests = _normalize(experts, len(layers), "experts")
+    requests = normalize_units(experts, len(layers), "experts")
     changed = {}
     for layer_idx, requested in sorted(requests.items()):
         layer = layers[layer_idx]
@@ -115,12 +101,12 @@ def prune_experts(model: nn.Module, experts: Mapping[int, Iterable[int]]) -> nn.
         if isinstance(router, nn.Linear):
             keep_outputs(router, index, moe.router)
         else:
-            _replace(router, "weight", router.weight.index_select(0, index.to(router.weight.device)))
+            replace_parameter(router, "weight", router.weight.index_select(0, index.to(router.weight.device)))
         module = get_module(layer, moe.experts)
         if experts_are_fused(moe, layer):
             for name in (moe.fused_gate_up, moe.fused_down):
                 param = getattr(module, name)
-                _replace(module, name, param.index_select(0, index.to(param.device)))
+                replace_parameter(module, name, param.index_select(0, index.to(param.device)))
         else:
             for pos in sorted(set(range(len(kept))) - set(positions), reverse=True):
                 del module[pos]
@@ -159,8 +145,8 @@ def _slice_fused_experts(moe: MoeLayout, layer: nn.Module, keep: list[list[int]]
     cols = torch.stack([torch.tensor(k, dtype=torch.long) for k in keep]).to(device)
     new_gate_up = torch.gather(gate_up, 1, rows[:, :, None].expand(-1, -1, gate_up.shape[2]))
     new_down = torch.gather(down, 2, cols[:, None, :].expand(-1, down.shape[1], -1))
-    _replace(module, moe.fused_gate_up, new_gate_up)
-    _replace(module, moe.fused_down, new_down)
+    replace_parameter(module, moe.fused_gate_up, new_gate_up)
+    replace_parameter(module, moe.fused_down, new_down)
     for attr in moe.size_attrs:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, int(cols.shape[1]))

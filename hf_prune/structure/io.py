@@ -22,9 +22,9 @@ from torch import nn
 from transformers.utils import logging
 
 from ..files import atomic_write_text
-from .record import CONFIG_ATTR, read_record, structure_record
 from .depth import prune_layers
 from .experts import prune_experts
+from .record import CONFIG_ATTR, read_record, structure_record
 from .removal import prune_ffn_neurons, prune_heads
 from .standins import ExactLayerNorm, ExactRMSNorm
 from .summary import int_keys, structure_summary

@@ -17,7 +17,7 @@ and decoder-only family) the attention index is the layer index, as in Transform
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -140,6 +140,19 @@ class AttentionSite:
     layer: nn.Module
     spec: AttentionLayout
     layout: Layout
+
+
+def normalize_units(
+    units: Optional[Mapping[Any, Iterable[int]]], num_layers: int, kind: str, where: str = "layer"
+) -> dict[int, set[int]]:
+    """{key: set of unit indices} with integer keys checked against `num_layers` (a ValueError names the key)."""
+    result: dict[int, set[int]] = {}
+    for layer, indices in (units or {}).items():
+        layer = int(layer)
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"hf_prune: {where} {layer} in the {kind} to prune does not exist (0 to {num_layers - 1}).")
+        result.setdefault(layer, set()).update(int(i) for i in indices)
+    return result
 
 
 def attention_sites(model: nn.Module, view: Optional[LayerView] = None) -> list[AttentionSite]:

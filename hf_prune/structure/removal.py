@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .experts import prune_moe_neurons
+from .head_inputs import select_head_inputs, share_position_bias
 from .layout import (
     NEURONS_ATTR,
     AttentionSite,
@@ -26,6 +28,7 @@ from .layout import (
     kept_heads_of,
     kept_neurons_of,
     native_prune_heads_available,
+    normalize_units,
     num_heads_of,
     num_kv_heads_of,
     pruned_heads_of,
@@ -33,11 +36,9 @@ from .layout import (
     qkv_rows,
 )
 from .paths import find_module, get_module, set_module
-from .spec import AttentionLayout, Layout
-from .experts import prune_moe_neurons
-from .head_inputs import select_head_inputs, share_position_bias
 from .record import record_structure
 from .slicing import channel_index, check_plain, in_width_of, keep_inputs, keep_outputs, out_width_of
+from .spec import AttentionLayout, Layout
 from .standins import TRANSFORMERS_MAJOR, BiasOnly, EmptyAttention, NoHeadsSelfAttention, ZeroWidth
 
 logger = logging.get_logger(__name__)
@@ -72,18 +73,6 @@ def sync_config_pruned_heads(model: nn.Module, layout: Layout, layers: Any) -> N
     model.config.pruned_heads = {
         i: sorted(pruned_heads_of(spec, layer)) for i, layer in enumerate(layers) if pruned_heads_of(spec, layer)
     }
-
-
-def _normalize_units(
-    units: Optional[Mapping[Any, Iterable[int]]], num_layers: int, kind: str, where: str = "layer"
-) -> dict[int, set[int]]:
-    result: dict[int, set[int]] = {}
-    for layer, indices in (units or {}).items():
-        layer = int(layer)
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"hf_prune: {where} {layer} in the {kind} to prune does not exist (0 to {num_layers - 1}).")
-        result.setdefault(layer, set()).update(int(i) for i in indices)
-    return result
 
 
 def _check_head_request(
@@ -246,7 +235,7 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
     # One attention block per layer (every encoder-only and decoder-only model): blocks are layers.
     single = len(sites) == len(layers) and len(layers.stacks) == 1
     where = "layer" if len(sites) == len(layers) else "attention block"
-    requests = _normalize_units(heads, len(sites), "heads", where)
+    requests = normalize_units(heads, len(sites), "heads", where)
     native: dict[int, list[int]] = {}
     own: dict[int, list[int]] = {}
     for index, requested in sorted(requests.items()):
@@ -333,7 +322,7 @@ def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) ->
     `load_pruned` (the structure is recorded in the config).
     """
     _, layers = find_layers(model)
-    requests = _normalize_units(neurons, len(layers), "neurons")
+    requests = normalize_units(neurons, len(layers), "neurons")
     changed = {}
     for layer_idx, requested in sorted(requests.items()):
         layer = layers[layer_idx]

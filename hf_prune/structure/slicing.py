@@ -19,7 +19,8 @@ def check_plain(module: nn.Module, name: str) -> None:
         )
 
 
-def _replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set `module.name` to a new Parameter holding `value` (a contiguous copy), keeping `requires_grad`."""
     old = getattr(module, name)
     setattr(module, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
 
@@ -29,13 +30,13 @@ def keep_outputs(module: nn.Module, index: torch.Tensor, name: str) -> None:
     check_plain(module, name)
     index = index.to(module.weight.device)
     if is_conv1d(module):
-        _replace_parameter(module, "weight", module.weight.index_select(1, index))
+        replace_parameter(module, "weight", module.weight.index_select(1, index))
         module.nf = len(index)
     else:
-        _replace_parameter(module, "weight", module.weight.index_select(0, index))
+        replace_parameter(module, "weight", module.weight.index_select(0, index))
         module.out_features = len(index)
     if module.bias is not None:
-        _replace_parameter(module, "bias", module.bias.index_select(0, index))
+        replace_parameter(module, "bias", module.bias.index_select(0, index))
 
 
 def keep_inputs(module: nn.Module, index: torch.Tensor, name: str) -> None:
@@ -43,10 +44,10 @@ def keep_inputs(module: nn.Module, index: torch.Tensor, name: str) -> None:
     check_plain(module, name)
     index = index.to(module.weight.device)
     if is_conv1d(module):
-        _replace_parameter(module, "weight", module.weight.index_select(0, index))
+        replace_parameter(module, "weight", module.weight.index_select(0, index))
         module.nx = len(index)
     else:
-        _replace_parameter(module, "weight", module.weight.index_select(1, index))
+        replace_parameter(module, "weight", module.weight.index_select(1, index))
         module.in_features = len(index)
 
 
