@@ -235,6 +235,16 @@ def qkv_rows(spec: AttentionLayout, layer: nn.Module, part: str, units: Sequence
     return torch.cat([torch.arange(r, r + head_dim) for r in rows])
 
 
+def qkv_group_rows(spec: AttentionLayout, layer: nn.Module, groups: Sequence[int]) -> Any:
+    """Output rows of a "per_group" packed q/k/v projection holding whole key/value groups `groups` (current
+    positions), in their packed order."""
+    from .slicing import channel_index
+
+    head_dim = head_dim_of(spec, layer)
+    heads, kv = num_heads_of(spec, layer), num_kv_heads_of(spec, layer)
+    return channel_index(list(groups), (heads // max(1, kv) + 2) * head_dim)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Neurons, per layer
 # ----------------------------------------------------------------------------------------------------------------

@@ -284,8 +284,8 @@ LAYOUTS = (
                 output=f"layer.{ff}.DenseReluDense.wo", activation=f"layer.{ff}.DenseReluDense.act", gated=gated,
             ),
             hidden=HiddenLayout(
-                untouched=tuple(f"layer.{i}.{name}.relative_attention_bias" for i, name in
-                                ((0, "SelfAttention"), (1, "EncDecAttention"))),  # buckets x heads, per layer
+                layer_untouched=tuple(f"layer.{i}.{name}.relative_attention_bias" for i, name in
+                                      ((0, "SelfAttention"), (1, "EncDecAttention"))),  # buckets x heads
                 embeddings=("shared", "encoder.embed_tokens", "decoder.embed_tokens"),
                 norms=("encoder.final_layer_norm", "decoder.final_layer_norm"),
                 layer_norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),

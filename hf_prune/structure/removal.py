@@ -30,9 +30,9 @@ from .layout import (
     native_prune_heads_available,
     normalize_units,
     num_heads_of,
-    num_kv_heads_of,
     pruned_heads_of,
     pruned_neurons_of,
+    qkv_group_rows,
     qkv_rows,
 )
 from .paths import find_module, get_module, set_module
@@ -130,7 +130,7 @@ def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], 
     q_index = channel_index(keep, head_dim)
     if spec.qkv:
         if spec.packing(layer) == "per_group":
-            rows = qkv_rows_per_group(spec, layer, kv_keep)
+            rows = qkv_group_rows(spec, layer, kv_keep)
         else:
             rows = torch.cat([qkv_rows(spec, layer, part, keep if part == "q" else kv_keep) for part in "qkv"])
         keep_outputs(get_module(layer, spec.qkv), rows, spec.qkv)
@@ -151,14 +151,6 @@ def _remove_heads_own(spec: AttentionLayout, layer: nn.Module, keep: list[int], 
     select_head_inputs(core, spec.head_inputs, original)
     if spec.shared_position_bias:
         share_position_bias(core, original, total)
-
-
-def qkv_rows_per_group(spec: AttentionLayout, layer: nn.Module, groups: list[int]) -> torch.Tensor:
-    """Rows of a per-group packed q/k/v projection for whole key/value groups, in their packed order."""
-    head_dim = head_dim_of(spec, layer)
-    heads, kv = num_heads_of(spec, layer), num_kv_heads_of(spec, layer)
-    block = (heads // max(1, kv) + 2) * head_dim
-    return channel_index(groups, block)
 
 
 def _output_bias(module: nn.Module) -> Optional[torch.Tensor]:

@@ -127,14 +127,14 @@ class HiddenLayout:
     """
 
     embeddings: tuple[str, ...]  # nn.Embedding tables whose rows are hidden vectors, where present
-    # Modules that do not touch the hidden size although a dimension may equal it (per-head position tables);
-    # paths relative to the base model, or to one layer when they start with "layer."
+    # Modules that do not touch the hidden size although a dimension may equal it (per-head position tables).
     untouched: tuple[str, ...] = ()
     writers: tuple[str, ...] = ()  # projections or convolutions outside the layers writing hidden channels, where present
     readers: tuple[str, ...] = ()  # convolutions outside the layers reading hidden channels (Whisper's second conv)
     parameters: tuple[str, ...] = ()  # bare parameters whose last dimension is the hidden size (ViT's cls token)
     norms: tuple[str, ...] = ()  # LayerNorm / RMSNorm over the hidden size outside the layers
     layer_norms: tuple[str, ...] = ()
+    layer_untouched: tuple[str, ...] = ()
     size_attrs: tuple[str, ...] = ()  # "path.attribute" holding the hidden size, kept in step (bookkeeping only)
     layer_size_attrs: tuple[str, ...] = ()
     config_changes: tuple[str, ...] = ()  # config fields to pin when the hidden size changes ("head_dim")

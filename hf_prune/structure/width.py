@@ -138,7 +138,7 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
     if not (sites.embeddings or projected) or not all(isinstance(m, nn.Embedding) for _, m in sites.embeddings):
         raise ValueError(f"hf_prune: width pruning found no embedding table at {spec.embeddings} in {type(model).__name__}.")
     for path in spec.untouched:
-        module = None if path.startswith("layer.") else _optional(model, _join(base_path, path))
+        module = _optional(model, _join(base_path, path))
         if module is not None:
             sites.untouched.append((_join(base_path, path), module))
     norm_paths = [_join(base_path, p) for p in spec.norms
@@ -159,8 +159,8 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
         outputs = [a.output for a in stack.layout.attentions if a.present(layer)] + [mlp.output]
         for path in outputs:
             sites.writers.append((_join(layer_path, path), required(_join(layer_path, path))))
-        for path in layer_spec.untouched:
-            module = _optional(model, _join(layer_path, path)) if path.startswith("layer.") else None
+        for path in layer_spec.layer_untouched:
+            module = _optional(model, _join(layer_path, path))
             if module is not None:
                 sites.untouched.append((_join(layer_path, path), module))
         for spec_attr in layer_spec.layer_size_attrs:
