@@ -16,6 +16,11 @@ One call does, in order:
    ONNX Runtime expands sparse initializers to dense tensors when it loads them: this shrinks the file, never the
    latency; only structural removal and INT8 make inference faster on CPU.
 
+Encoder-decoder generation models (BART, T5, Whisper, ...) are written as Optimum writes them, an
+`encoder_model.onnx` and a `decoder_model.onnx` (without the key/value cache), and every step above runs on each
+graph: the decoder is checked on what the PyTorch encoder gives. `create_session` serves the two together as an
+`ORTModelForSeq2SeqLM` / `ORTModelForSpeechSeq2Seq`; the report's per-graph entries are keyed "<graph>/<variant>".
+
 Everything is written to a staging directory next to `output_dir` and moved into place only when every step and
 check passed, so a failed export never leaves a directory that looks valid, and never replaces a good one.
 `hf_prune_export.json` records what was done and measured.
@@ -107,6 +112,9 @@ class ExportResult:
     structure: dict = field(default_factory=dict)
     removed_structures: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    # The graphs written: ["model"], or ["encoder_model", "decoder_model"] for an encoder-decoder generation model,
+    # whose per-graph entries above are keyed "<graph>/<variant>" (e.g. "decoder_model/int8").
+    graphs: list = field(default_factory=lambda: ["model"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,10 +127,22 @@ class ExportResult:
         than ORTOptimizer's O2 graph (80 against 98 ms at batch 32 with 70% of heads and neurons removed; equal on
         the dense model), whose contrib kernels suit uniform shapes. The O2 graph stays one `variant=` away.
         """
+        if len(self.graphs) > 1:
+            raise ExportError(
+                f"this export holds {len(self.graphs)} graphs ({', '.join(self.graphs)}), not one file; load it with "
+                "hf_prune.create_session, which serves them together"
+            )
         for variant in ("int8", "fp32", "optimized"):
             if variant in self.files:
                 return self.files[variant]
         raise ExportError("the export produced no ONNX file")
+
+    def graph_files(self, variant: str) -> dict[str, str]:
+        """Graph name -> file name of `variant` ("fp32", "optimized", "int8"); empty if a graph lacks it."""
+        if self.graphs == ["model"]:
+            return {"model": self.files[variant]} if variant in self.files else {}
+        found = {graph: self.files.get(f"{graph}/{variant}") for graph in self.graphs}
+        return found if all(found.values()) else {}
 
     @classmethod
     def from_dir(cls, directory: Union[str, os.PathLike]) -> "ExportResult":
@@ -214,16 +234,12 @@ def _resolve_task(model: nn.Module, task: Optional[str], summary: dict, notes: l
 
     importlib.import_module("optimum.exporters.onnx.model_configs")  # registers the ONNX configs with TasksManager
 
-    if getattr(model.config, "is_encoder_decoder", False):
-        # Optimum writes such models as an encoder graph and a decoder graph (with and without the cache); hf_prune's
-        # verification, quantization and create_session handle one graph.
-        raise ValueError(
-            f"export_onnx exports single-graph models (encoders, decoders, vision and audio encoders); "
-            f"{type(model).__name__} is an encoder-decoder model, which Optimum writes as separate encoder and decoder "
-            "graphs that hf_prune does not verify or serve yet. Its pruned checkpoint still reloads with load_pruned "
-            "and runs in PyTorch."
-        )
     inferred = task is None
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if task is None and encoder_decoder and type(model).__name__.endswith("ForConditionalGeneration"):
+        # Optimum's class-based inference maps these to fill-mask; what they are trained and served for is generation.
+        speech = getattr(model, "main_input_name", "") == "input_features"
+        task = "automatic-speech-recognition" if speech else "text2text-generation"
     if task is None:
         try:
             task = TasksManager._infer_task_from_model_or_model_class(model=model)
@@ -240,6 +256,17 @@ def _resolve_task(model: nn.Module, task: Optional[str], summary: dict, notes: l
         raise ValueError(f"Optimum's ONNX exporter does not support model_type={model_type!r}.") from None
     if task not in supported:
         raise ValueError(f"task={task!r} is not supported for {model_type} by Optimum's exporter; allowed: {sorted(supported)}.")
+    if encoder_decoder and task.endswith("-with-past"):
+        raise ValueError(
+            f"task={task!r}: export_onnx writes encoder-decoder models without the decoder's key/value cache (an "
+            f"encoder graph and a decoder graph, both verified); pass task={task[: -len('-with-past')]!r}."
+        )
+    if encoder_decoder and f"{task}-with-past" in supported:
+        notes.append(
+            f"exported {task} as an encoder graph and a decoder graph without the key/value cache: each generated "
+            "token reruns the decoder over the prefix, and pruned head counts never meet Optimum's cache shapes."
+        )
+        return task
     # Optimum builds the past key/value inputs from config.num_attention_heads for every layer; a pruned layer has
     # fewer heads, so a graph with a KV cache would be traced with the wrong shapes.
     # Removed hidden channels break the same assumption another way: Optimum derives the head size of the cache
@@ -276,6 +303,11 @@ def _sample_inputs(model: nn.Module, tokenizer: Any, inputs: dict[str, list]) ->
         attention_mask = np.ones_like(input_ids)
         attention_mask[1, 10:] = 0
         attention_mask[2, 4:] = 0
+        eos = getattr(model.config, "eos_token_id", None)
+        if isinstance(eos, int) and 0 <= eos < vocab:
+            # Each row ends in the end-of-sequence token, as tokenizers write it: BART-style classifiers read their
+            # sentence representation there and refuse rows without one.
+            input_ids[np.arange(3), attention_mask.sum(axis=1) - 1] = eos
     feed: dict[str, np.ndarray] = {}
     for name, dims in inputs.items():
         if name.startswith("past_key_values"):
@@ -293,6 +325,9 @@ def _sample_inputs(model: nn.Module, tokenizer: Any, inputs: dict[str, list]) ->
         elif name == "input_values":
             # Speech encoders on raw audio (wav2vec2 and its relatives): one second of seeded noise at 16 kHz.
             feed[name] = np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32)
+        elif name == "input_features" and len(dims) == 3 and all(isinstance(d, int) for d in dims[1:]):
+            # Speech encoder-decoders on log-mel features (Whisper): the fixed bins x frames the graph was traced at.
+            feed[name] = np.random.default_rng(0).standard_normal((2, *dims[1:])).astype(np.float32)
         elif name == "pixel_values" and isinstance(getattr(model.config, "image_size", None), int):
             # Vision encoders (ViT and its relatives): seeded images at the size the config was trained for.
             size, channels = model.config.image_size, int(getattr(model.config, "num_channels", 3))
@@ -300,6 +335,58 @@ def _sample_inputs(model: nn.Module, tokenizer: Any, inputs: dict[str, list]) ->
         else:
             raise ExportError(f"the exported graph expects an input {name!r} that hf_prune cannot build for verification")
     return feed
+
+
+@torch.no_grad()
+def _graph_reference(model: nn.Module, tokenizer: Any, staging: Path, graph: str) -> tuple[dict, dict]:
+    """The feed for one exported graph and what PyTorch computes from it.
+
+    An encoder-decoder model's decoder graph takes the encoder's output: it is fed what the PyTorch encoder gives on
+    the encoder graph's sample inputs, with decoder tokens starting from the decoder start token, and compared with
+    the whole model's logits on the same tokens.
+    """
+    inputs, output_names = _graph_io(staging / f"{graph}.onnx")
+    if graph == "model":
+        feed = _sample_inputs(model, tokenizer, inputs)
+        return feed, _torch_outputs(model, feed, output_names)
+    encoder_feed = _sample_inputs(model, tokenizer, _graph_io(staging / "encoder_model.onnx")[0])
+    hidden = model.get_encoder()(**{k: torch.from_numpy(v) for k, v in encoder_feed.items()})[0]
+    if graph == "encoder_model":
+        return encoder_feed, {"last_hidden_state": hidden.float().numpy()}
+    if graph != "decoder_model":
+        raise ExportError(f"Optimum wrote a graph {graph!r} that hf_prune cannot verify")
+    decoder_ids = np.random.default_rng(1).integers(3, int(model.config.vocab_size), size=(hidden.shape[0], 5))
+    decoder_ids[:, 0] = getattr(model.config, "decoder_start_token_id", None) or 0
+    mask = encoder_feed.get("attention_mask")
+    sources = {"input_ids": decoder_ids, "encoder_hidden_states": hidden.numpy(), "encoder_attention_mask": mask}
+    missing = [name for name in inputs if sources.get(name) is None]
+    if missing:
+        raise ExportError(f"the decoder graph expects inputs {missing} that hf_prune cannot build for verification")
+    extra = {"attention_mask": torch.from_numpy(mask)} if "encoder_attention_mask" in inputs else {}
+    logits = model(encoder_outputs=(hidden,), decoder_input_ids=torch.from_numpy(decoder_ids), **extra).logits
+    return {name: sources[name] for name in inputs}, {"logits": logits.float().numpy()}
+
+
+def _checker(result: "ExportResult", key: str, feed: dict, reference: dict, verify: bool,
+             quantized_tolerance: float) -> Any:
+    """`check(variant, path, limit)`: run `path` in ONNX Runtime on `feed`, record the difference from `reference`
+    under `key.format(variant)` and say whether it is within `limit` (INT8: `quantized_tolerance` x output scale)."""
+    scale = max(float(np.max(np.abs(v))) for v in reference.values()) if reference else 1.0
+
+    def check(variant: str, path: Path, limit: float) -> bool:
+        if not verify:
+            return True
+        name = key.format(variant)
+        if variant == "int8":
+            limit = quantized_tolerance * max(scale, 1.0)
+        diff, agreement = _compare(reference, _ort_outputs(path, feed))
+        result.max_abs_diff[name] = diff
+        result.tolerance[name] = limit
+        if agreement is not None:
+            result.argmax_agreement[name] = agreement
+        return diff <= limit
+
+    return check
 
 
 @torch.no_grad()
@@ -360,16 +447,16 @@ def _count_ops(path: Path, op_types: tuple[str, ...]) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _optimize(staging: Path, config: Any, level: str) -> Path:
+def _optimize(staging: Path, source: Path, config: Any, level: str) -> Path:
     from optimum.onnxruntime import AutoOptimizationConfig, ORTOptimizer
 
-    optimizer = ORTOptimizer(onnx_model_path=[staging / ONNX_FILE], config=config)
+    optimizer = ORTOptimizer(onnx_model_path=[source], config=config)
     optimization_config = AutoOptimizationConfig.with_optimization_level(optimization_level=level, for_gpu=False)
-    work = staging / f".optimize-{level}"
+    work = staging / f".optimize-{source.stem}-{level}"
     optimizer.optimize(save_dir=work, optimization_config=optimization_config, file_suffix="optimized")
-    produced = work / OPTIMIZED_FILE
+    produced = work / f"{source.stem}_optimized.onnx"
     if not produced.is_file():
-        raise ExportError(f"ORTOptimizer at {level} wrote no {OPTIMIZED_FILE}")
+        raise ExportError(f"ORTOptimizer at {level} wrote no {produced.name}")
     return produced
 
 
@@ -537,55 +624,19 @@ def export_onnx(
     result.structure = {k: summary[k] for k in ("heads_per_layer", "intermediate_sizes", "parameters") if k in summary}
 
     with _staged_output(output_dir, overwrite) as staging:
-        _export_fp32(model, staging, task, opset)
+        result.graphs = _export_fp32(model, staging, task, opset)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if source_dir is not None:
             for name in _PROVENANCE_FILES:
                 if (source_dir / name).is_file():
                     shutil.copy2(source_dir / name, staging / name)
-        graph_inputs, output_names = _graph_io(staging / ONNX_FILE)
-        feed = _sample_inputs(model, tokenizer, graph_inputs)
-        reference = _torch_outputs(model, feed, output_names)
-
-        scale = max(float(np.max(np.abs(v))) for v in reference.values()) if reference else 1.0
-
-        def check(variant: str, path: Path, limit: float) -> bool:
-            if not verify:
-                return True
-            if variant == "int8":
-                limit = quantized_tolerance * max(scale, 1.0)
-            diff, agreement = _compare(reference, _ort_outputs(path, feed))
-            result.max_abs_diff[variant] = diff
-            result.tolerance[variant] = limit
-            if agreement is not None:
-                result.argmax_agreement[variant] = agreement
-            return diff <= limit
-
-        result.files["fp32"] = ONNX_FILE
-        if not check("fp32", staging / ONNX_FILE, tolerance):
-            raise ExportVerificationError(
-                f"the exported ONNX graph differs from PyTorch by {result.max_abs_diff['fp32']:.3g} "
-                f"(tolerance={tolerance}); nothing was written to {str(output_dir)!r}."
-            )
-        if optimize is not None:
-            _optimize_with_fallback(model, staging, optimize, summary, result, check, tolerance)
-        if quantize is not None:
-            # From the plain graph: ORTQuantizer must know every MatMul's output type, and ONNX shape inference
-            # cannot see through the contrib ops (Attention, SkipLayerNormalization) of the fused graph. ONNX Runtime
-            # applies its own CPU fusions to the quantized graph when it loads it.
-            source = staging / ONNX_FILE
-            quantization_config = quantization_config or default_quantization_config()
-            os.replace(_quantize(staging, source, quantization_config), staging / QUANTIZED_FILE)
-            result.files["int8"] = QUANTIZED_FILE
-            result.quantization = {"mode": quantize, "source": source.name,
-                                   "config": _describe_quantization(quantization_config)}
-            if not check("int8", staging / QUANTIZED_FILE, quantized_tolerance):
-                raise ExportVerificationError(
-                    f"the INT8 graph differs from PyTorch by {result.max_abs_diff['int8']:.3g}, more than "
-                    f"quantized_tolerance={quantized_tolerance} x output scale {max(scale, 1.0):.3g}; nothing was "
-                    f"written to {str(output_dir)!r}."
-                )
+        checks = {
+            graph: _export_graph(model, tokenizer, staging, graph, result, summary, optimize=optimize,
+                                 quantize=quantize, quantization_config=quantization_config, verify=verify,
+                                 tolerance=tolerance, quantized_tolerance=quantized_tolerance)
+            for graph in result.graphs
+        }
         for work in staging.glob(".optimize-*"):
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging / ".quantize", ignore_errors=True)
@@ -594,9 +645,10 @@ def export_onnx(
             if sparse_initializers == "auto":
                 converted = write_sparse_initializers(staging / name)
                 result.sparse_initializers[variant] = converted
+                graph, _, plain = variant.rpartition("/")
                 if converted["converted"] and verify:
                     # Re-read through ONNX Runtime: the sparse file must still give the same outputs.
-                    if not check(variant, staging / name, tolerance):
+                    if not checks[graph or "model"](plain, staging / name, tolerance):
                         raise ExportVerificationError(f"{name} with sparse initializers no longer matches PyTorch")
             result.sizes_bytes[variant] = (staging / name).stat().st_size
         if any(s.get("converted") for s in result.sparse_initializers.values()):
@@ -611,7 +663,45 @@ def export_onnx(
     return result
 
 
-def _export_fp32(model: nn.Module, staging: Path, task: str, opset: Optional[int]) -> None:
+def _export_graph(model: nn.Module, tokenizer: Any, staging: Path, graph: str, result: ExportResult, summary: dict,
+                  *, optimize: Optional[str], quantize: Optional[str], quantization_config: Any, verify: bool,
+                  tolerance: float, quantized_tolerance: float) -> Any:
+    """Verify one exported graph, then optimise and quantize it (each checked); returns its `check` function."""
+    key = "{}" if result.graphs == ["model"] else f"{graph}/{{}}"
+    feed, reference = _graph_reference(model, tokenizer, staging, graph)
+    check = _checker(result, key, feed, reference, verify, quantized_tolerance)
+    source = staging / f"{graph}.onnx"
+    result.files[key.format("fp32")] = source.name
+    output_dir = result.output_dir
+    if not check("fp32", source, tolerance):
+        raise ExportVerificationError(
+            f"the exported ONNX graph {source.name} differs from PyTorch by "
+            f"{result.max_abs_diff[key.format('fp32')]:.3g} (tolerance={tolerance}); nothing was written to "
+            f"{output_dir!r}."
+        )
+    if optimize is not None:
+        _optimize_with_fallback(model, staging, source, key, optimize, summary, result, check, tolerance)
+    if quantize is not None:
+        # From the plain graph: ORTQuantizer must know every MatMul's output type, and ONNX shape inference cannot
+        # see through the contrib ops (Attention, SkipLayerNormalization) of the fused graph. ONNX Runtime applies its
+        # own CPU fusions to the quantized graph when it loads it.
+        quantization_config = quantization_config or default_quantization_config()
+        quantized = staging / f"{graph}_quantized.onnx"
+        os.replace(_quantize(staging, source, quantization_config), quantized)
+        result.files[key.format("int8")] = quantized.name
+        result.quantization = {"mode": quantize, "source": source.name if len(result.graphs) == 1 else
+                               "the plain graph of each", "config": _describe_quantization(quantization_config)}
+        if not check("int8", quantized, quantized_tolerance):
+            raise ExportVerificationError(
+                f"the INT8 graph {quantized.name} differs from PyTorch by {result.max_abs_diff[key.format('int8')]:.3g}, "
+                f"more than quantized_tolerance={quantized_tolerance} x its output scale; nothing was written to "
+                f"{output_dir!r}."
+            )
+    return check
+
+
+def _export_fp32(model: nn.Module, staging: Path, task: str, opset: Optional[int]) -> list[str]:
+    """Export with Optimum; the graphs written: ["model"], or the encoder and decoder of an encoder-decoder model."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     try:
@@ -623,47 +713,64 @@ def _export_fp32(model: nn.Module, staging: Path, task: str, opset: Optional[int
             onnx_export_from_model(model, staging, task=task, opset=opset, do_validation=False, no_post_process=True)
     except Exception as err:  # the exporter raises many types; report them as one
         raise ExportError(f"Optimum's ONNX exporter failed for task={task!r}: {type(err).__name__}: {err}") from err
-    if not (staging / ONNX_FILE).is_file():
-        found = sorted(p.name for p in staging.glob("*.onnx"))
-        raise ExportError(f"Optimum wrote {found} for task={task!r}; hf_prune expects a single {ONNX_FILE}.")
+    found = sorted(p.stem for p in staging.glob("*.onnx"))
+    for graphs in (["model"], ["encoder_model", "decoder_model"]):
+        if found == sorted(graphs):
+            return graphs
+    raise ExportError(f"Optimum wrote {found} for task={task!r}; hf_prune expects {ONNX_FILE}, or an encoder_model "
+                      "and a decoder_model graph.")
 
 
-def _optimize_with_fallback(model, staging, optimize, summary, result, check, tolerance) -> None:
+def _optimize_with_fallback(model, staging, source, key, optimize, summary, result, check, tolerance) -> None:
+    """Optimise `source` at `optimize`, falling back to lower levels; record it under `key` ("{}" for one graph)."""
     levels = list(OPTIMIZATION_LEVELS[: OPTIMIZATION_LEVELS.index(optimize) + 1])[::-1]
+    single = key == "{}"
     attempts = []
+
+    def record(entry: dict) -> None:
+        if single:
+            result.optimization = entry
+        else:  # one entry per graph, and what each kept
+            result.optimization.setdefault("requested", optimize)
+            result.optimization.setdefault("applied", {})[source.stem] = entry["applied"]
+            result.optimization.setdefault("graphs", {})[source.stem] = entry
+
     for level in levels:
+        trial = key.format(f"optimized_{level}")
         try:
-            produced = _optimize(staging, model.config, level)
+            produced = _optimize(staging, source, model.config, level)
         except Exception as err:  # ORT's fusion scripts raise assorted errors on graphs they do not expect
             attempts.append({"level": level, "error": f"{type(err).__name__}: {err}"})
             continue
         if check(f"optimized_{level}", produced, tolerance):
-            os.replace(produced, staging / OPTIMIZED_FILE)
-            result.max_abs_diff["optimized"] = result.max_abs_diff.pop(f"optimized_{level}", None)
-            result.tolerance["optimized"] = result.tolerance.pop(f"optimized_{level}", tolerance)
-            if f"optimized_{level}" in result.argmax_agreement:
-                result.argmax_agreement["optimized"] = result.argmax_agreement.pop(f"optimized_{level}")
-            result.files["optimized"] = OPTIMIZED_FILE
+            kept, name = staging / f"{source.stem}_optimized.onnx", key.format("optimized")
+            os.replace(produced, kept)
+            result.max_abs_diff[name] = result.max_abs_diff.pop(trial, None)
+            result.tolerance[name] = result.tolerance.pop(trial, tolerance)
+            if trial in result.argmax_agreement:
+                result.argmax_agreement[name] = result.argmax_agreement.pop(trial)
+            result.files[name] = kept.name
             layers_with_heads = sum(1 for h in summary.get("heads_per_layer", []) if h)
-            fused = _count_ops(staging / OPTIMIZED_FILE, _FUSED_ATTENTION_OPS)
-            result.optimization = {"requested": optimize, "applied": level, "attempts": attempts,
-                                   "fused_attention_nodes": fused, "layers_with_heads": layers_with_heads}
+            fused = _count_ops(kept, _FUSED_ATTENTION_OPS)
+            record({"requested": optimize, "applied": level, "attempts": attempts, "fused_attention_nodes": fused,
+                    "layers_with_heads": layers_with_heads})
             if level != optimize:
-                result.notes.append(f"graph optimisation {optimize} failed or changed the outputs; kept {level} "
-                                    f"instead ({attempts[-1].get('error', 'outputs differed')}).")
-            if level != "O1" and summary and fused < layers_with_heads:
+                result.notes.append(f"graph optimisation {optimize} failed or changed the outputs of {source.name}; "
+                                    f"kept {level} instead ({attempts[-1].get('error', 'outputs differed')}).")
+            if single and level != "O1" and summary and fused < layers_with_heads:
                 why = " (pruned head counts can defeat it)" if summary.get("pruned_heads") else ""
                 result.notes.append(
                     f"attention fused in {fused} of {layers_with_heads} layers; the others run unfused: ONNX "
                     f"Runtime's fusion patterns did not match them{why}. Outputs were checked either way."
                 )
             return
-        attempts.append({"level": level, "error": f"outputs differ by {result.max_abs_diff.pop(f'optimized_{level}'):.3g}"})
-        result.tolerance.pop(f"optimized_{level}", None)
-        result.argmax_agreement.pop(f"optimized_{level}", None)
-    result.optimization = {"requested": optimize, "applied": None, "attempts": attempts}
-    result.notes.append(f"graph optimisation failed at every level ({attempts}); serving the unoptimised graph, "
-                        "which ONNX Runtime still optimises when it loads it.")
+        attempts.append({"level": level, "error": f"outputs differ by {result.max_abs_diff.pop(trial):.3g}"})
+        result.tolerance.pop(trial, None)
+        result.argmax_agreement.pop(trial, None)
+    record({"requested": optimize, "applied": None, "attempts": attempts})
+    which = "" if single else f" of {source.name}"
+    result.notes.append(f"graph optimisation{which} failed at every level ({attempts}); serving the unoptimised "
+                        "graph, which ONNX Runtime still optimises when it loads it.")
 
 
 def _describe_quantization(config: Any) -> dict:

@@ -35,6 +35,9 @@ _ORT_MODEL_FOR_TASK = {
     "fill-mask": "ORTModelForMaskedLM",
     "multiple-choice": "ORTModelForMultipleChoice",
     "text-generation": "ORTModelForCausalLM",
+    # Encoder-decoder exports: an encoder graph and a decoder graph, served together (see create_session).
+    "text2text-generation": "ORTModelForSeq2SeqLM",
+    "automatic-speech-recognition": "ORTModelForSpeechSeq2Seq",
 }
 
 
@@ -129,6 +132,9 @@ def create_session(
     report = ExportResult.from_dir(onnx_dir)
     if variant is not None and file_name is not None:
         raise ValueError("pass variant= or file_name=, not both.")
+    if len(report.graphs) > 1:
+        return _create_encoder_decoder_session(onnx_dir, report, variant, file_name, threads,
+                                               graph_optimization_level, provider)
     if variant is not None:
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not allowed; choose one of {list(VARIANTS)}.")
@@ -156,6 +162,40 @@ def create_session(
     model.hf_prune_session = {
         "file_name": file_name,
         "variant": variant,
+        "task": report.task,
+        "threads": options.intra_op_num_threads,
+        "graph_optimization_level": graph_optimization_level,
+        "provider": provider,
+    }
+    return model
+
+
+def _create_encoder_decoder_session(onnx_dir: Path, report: ExportResult, variant: Optional[str],
+                                    file_name: Optional[str], threads: Optional[int], graph_optimization_level: str,
+                                    provider: str) -> Any:
+    """`create_session` for an encoder-decoder export: its encoder and decoder graphs of one variant, no cache."""
+    if file_name is not None:
+        raise ValueError(
+            f"file_name={file_name!r}: {str(onnx_dir)!r} holds an encoder graph and a decoder graph "
+            f"({sorted(report.files.values())}); choose them together with variant= ({list(VARIANTS)})."
+        )
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not allowed; choose one of {list(VARIANTS)}.")
+    chosen = variant or next(v for v in ("int8", "fp32") if report.graph_files(v))
+    files = report.graph_files(chosen)
+    if not files:
+        raise ValueError(
+            f"variant={chosen!r} was not exported for every graph of {str(onnx_dir)!r}; it has "
+            f"{sorted(report.files)}. Export again with optimize=/quantize= to produce it."
+        )
+    options = session_options(threads, graph_optimization_level)
+    model = _ort_model_class(report.task).from_pretrained(
+        onnx_dir, encoder_file_name=files["encoder_model"], decoder_file_name=files["decoder_model"],
+        use_cache=False, provider=provider, session_options=options,
+    )
+    model.hf_prune_session = {
+        "file_name": files,
+        "variant": chosen,
         "task": report.task,
         "threads": options.intra_op_num_threads,
         "graph_optimization_level": graph_optimization_level,

@@ -230,12 +230,16 @@ def sensitivity_groups(
         for kind in ("heads", "neurons"):
             slot = next((s for s in slots[kind] if layers is not None and s.layer_idx == index
                          and layers[index] is get_module(model, path)), None)
-            if slot is None or slot.module is None:
+            if slot is None or all(piece.module is None for piece in slot.pieces()):
                 continue
             block_layout = layers.layout(index)
             own = block_layout.attention_paths() if kind == "heads" else block_layout.mlp_paths()
             params = sum(m.weight.numel() for p in own if (m := find_module(layers[index], p)) is not None
                          and getattr(m, "weight", None) is not None)
+            moe = block_layout.moe
+            if kind == "neurons" and moe is not None:  # the experts' matrices, shared expert included; not the router
+                block, router = get_module(layers[index], moe.block), get_module(layers[index], moe.router)
+                params = sum(p.numel() for p in block.parameters()) - router.weight.numel()
             groups[f"{path}:{kind}"] = {"kind": kind, "layer": index, "modules": {}, "params": params,
                                         "units": slot.total, "group_size": group_size if kind == "heads" else 1}
         if "layer" in kinds and members:
@@ -358,11 +362,14 @@ def _zero_units(model: nn.Module, kind: str, layer: int, units: Iterable[int]) -
     """Zero the input columns of the output (heads) or down (neurons) projection that carry `units` of `layer`:
     exactly what removing them does to the block's output."""
     slot = (head_slots(model) if kind == "heads" else neuron_slots(model))[layer]
-    matrix = matrix_view(slot.module)
-    for unit in units:
-        if unit in slot.kept:
-            start = slot.kept.index(unit) * slot.unit_width
-            matrix[:, start : start + slot.unit_width] = 0
+    for piece in slot.pieces():  # a mixture-of-experts layer holds its neurons in one matrix per expert
+        if piece.module is None:
+            continue
+        matrix = matrix_view(piece.module, piece.matrix_of(piece.leaf))
+        for unit in units:
+            if unit in piece.kept:
+                start = piece.kept.index(unit) * piece.unit_width
+                matrix[:, start : start + piece.unit_width] = 0
 
 
 def analyze_sensitivity(
@@ -464,7 +471,7 @@ def _measure(
     if kind in ("heads", "neurons"):
         layer = int(info["layer"])
         slot = (head_slots(model) if kind == "heads" else neuron_slots(model))[layer]
-        touched = [slot.module.weight]
+        touched = list({id(p.leaf): p.leaf for p in slot.pieces() if p.module is not None}.values())
     else:
         touched = [modules[m].weight for m in info["modules"]]
     saved = [w.detach().clone() for w in touched]

@@ -16,7 +16,7 @@ from conftest import spread_weights
 
 import hf_prune
 from hf_prune.linear import is_conv1d
-from hf_prune.structure import attention_sites, find_layers, structure_summary
+from hf_prune.structure import attention_sites, find_layers, neuron_slots, structure_summary
 from hf_prune.structure.layout import group_size_of, head_dim_of, kept_heads_of
 from hf_prune.structure.paths import find_module, get_module
 
@@ -252,10 +252,40 @@ def test_t5_blocks_keep_a_head_for_the_position_bias_they_hand_on():
     assert structure_summary(model)["heads_per_layer"] == [1] * 6
 
 
-def test_moe_neuron_scoring_says_what_is_supported():
-    model = build("mixtral")
-    with pytest.raises(ValueError, match="not available.*prune_experts"):
-        hf_prune.compute_neuron_importance(model, [inputs("mixtral")], method="activation", progress=False)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("method", ["activation", "gradient", "taylor"])
+def test_neurons_inside_experts_are_scored_selected_evenly_and_removed(family, method):
+    """Every routed expert's neurons (and the shared expert's) get scores in the layer's numbering; the selection
+    is removable (on Transformers 5 every expert keeps the same multiple of 4 neurons) and removal keeps outputs."""
+    model = build(family)
+    batch = with_labels(family, inputs(family))
+    _, layers = find_layers(model)
+    moe = layers.layout(0).moe
+    total = hf_prune.structure.layout.moe_neuron_total(moe, layers[0])
+    scores = hf_prune.compute_neuron_importance(model, [batch], method=method, progress=False)
+    assert [len(row) for row in scores.values()] == [total] * len(layers)
+    assert all(bool((row > 0).all()) for row in scores.values())  # every expert saw tokens: two of four per token
+    chosen = hf_prune.select_neurons_to_prune(scores, 0.3, model=model)
+    if MAJOR >= 5:
+        size = hf_prune.structure.layout.expert_size(moe, layers[0])
+        for layer, units in chosen.items():
+            per_expert = [sum(1 for n in units if e * size <= n < (e + 1) * size) for e in range(4)]
+            assert len(set(per_expert)) == 1 and (size - per_expert[0]) % 4 == 0
+    plain = {k: v for k, v in batch.items() if k != "labels"}
+    pieces = [piece for slot in neuron_slots(model) for piece in slot.pieces()]
+    with hf_prune.structure.expert_probes(pieces):  # scoring runs fused experts expert by expert: same outputs
+        torch.testing.assert_close(outputs(model, plain), outputs(build(family), plain), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for layer, units in chosen.items():
+            for piece in neuron_slots(model)[layer].pieces():
+                matrix = piece.matrix_of(piece.leaf)
+                for n in units:
+                    if n in piece.kept:
+                        matrix[:, piece.kept.index(n)] = 0
+    expected = outputs(model, plain)
+    hf_prune.prune_ffn_neurons(model, chosen)
+    torch.testing.assert_close(outputs(model, plain), expected, atol=1e-5, rtol=1e-5)
+    assert sum(structure_summary(model)["intermediate_sizes"]) == len(layers) * total - sum(map(len, chosen.values()))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
@@ -345,7 +375,7 @@ def test_a_registered_layout_reaches_a_new_family():
 SINGLE_STACK = [f for f in sorted(FAMILIES) if FAMILIES[f][3] not in ("seq2seq", "speech")]
 DECODERS = [f for f in sorted(FAMILIES) if FAMILIES[f][2].endswith(("CausalLM", "LMHeadModel"))]
 # Families whose hidden size (width) hf_prune removes; the others refuse with the reason, tested below.
-WIDTH = ["bart", "vit", "whisper", "bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mpnet", "t5-gated", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
+WIDTH = ["bart", "vit", "mixtral", "qwen2_moe", "whisper", "bert", "deberta-v2", "deberta-v3", "distilbert", "electra", "gpt2", "llama", "mpnet", "t5-gated", "mistral", "modernbert", "opt", "phi3", "qwen2", "qwen3", "roberta", "xlm-roberta"]
 
 
 @pytest.mark.parametrize("family", SINGLE_STACK)
@@ -371,6 +401,8 @@ def test_zeroed_hidden_channels_removed_exactly_and_reloaded(family, tmp_path):
     batch = inputs(family)
     hf_prune.zero_hidden_channels(model, [1, 7, 30, 31])
     expected = outputs(model, batch)
+    scores = hf_prune.compute_channel_importance(model, [batch], progress=False)  # what prune_width ranks by
+    assert scores.shape == (32,) and bool((scores[[1, 7, 30, 31]] == 0).all()) and int((scores > 0).sum()) >= 20
     hf_prune.prune_hidden(model, [1, 7, 30, 31], exact=True)
     assert model.config.hidden_size == 28
     torch.testing.assert_close(outputs(model, batch), expected, atol=1e-5, rtol=1e-5)
@@ -395,7 +427,6 @@ def test_importance_scores_every_unit_and_empty_structures_are_found(family):
     assert heads.shape[0] == len(sites) and bool((heads > 0).any())
     heads_plan, neurons_plan = plan(model)
     _, layers = find_layers(model)
-    neurons_plan = {k: v for k, v in neurons_plan.items() if layers.layout(k).mlp is not None}  # not inside experts
     last = len(sites) - 1
     found = hf_prune.remove_empty_structures(model)
     # Zeroed output columns are exactly what remove_empty_structures looks for.
@@ -462,9 +493,7 @@ def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(famil
 
     model = build(family)
     batch = with_labels(family, inputs(family))
-    has_mlp = all(find_layers(model)[1].layout(i).mlp is not None for i in range(len(find_layers(model)[1])))
-    config = PruningConfig(target_sparsity=0.0, head_sparsity=0.25,
-                           neuron_sparsity=0.25 if has_mlp else 0.0,
+    config = PruningConfig(target_sparsity=0.0, head_sparsity=0.25, neuron_sparsity=0.25,
                            warmup_fraction=0.0, cooldown_fraction=0.0)
     pruner = Pruner(model, config)
     pruner.start(total_steps=1)
@@ -478,7 +507,7 @@ def test_gradual_structured_pruning_masks_then_removes_to_the_same_outputs(famil
     heads_before = sum(structure_summary(model)["heads_per_layer"])
     removed = pruner.finish()
     assert sum(map(len, removed["heads"].values())) == heads_before // 4
-    assert sum(map(len, removed["neurons"].values())) > 0 or not has_mlp
+    assert sum(map(len, removed["neurons"].values())) > 0
     torch.testing.assert_close(outputs(model, plain), masked, atol=1e-5, rtol=1e-5)
 
 
@@ -523,13 +552,62 @@ def test_encoder_decoder_layers_removed_per_stack_reload(family, tmp_path):
 
 
 @pytest.mark.onnx
-def test_encoder_decoder_export_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize("family", ["bart", "t5-gated", "whisper"])
+def test_a_pruned_encoder_decoder_exports_as_two_verified_graphs_that_generate_as_pytorch(family, tmp_path):
+    """Optimum writes an encoder and a decoder graph; export_onnx checks each (fp32 and INT8) against PyTorch and
+    create_session serves them together: greedy generation in ONNX Runtime gives PyTorch's tokens."""
     pytest.importorskip("optimum.onnxruntime")
-    model = build("bart")
+    if family == "whisper":
+        # Optimum traces Whisper's encoder on 3000 frames of 80 bins: the config must take them.
+        config_name, kwargs, model_name, _ = FAMILIES[family]
+        FAMILIES["whisper-export"] = (config_name, dict(kwargs, max_source_positions=1500, num_mel_bins=80),
+                                      model_name, "speech")
+        try:
+            model = build("whisper-export")
+        finally:
+            del FAMILIES["whisper-export"]
+    else:
+        model = build(family)
+    heads, neurons = plan(model)
+    hf_prune.prune_heads(model, heads)
+    hf_prune.prune_ffn_neurons(model, neurons)
     model.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="encoder-decoder model"):
-        hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "onnx"))
-    assert not (tmp_path / "onnx").exists()
+    result = hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "onnx"), optimize=None, quantize="dynamic")
+
+    assert result.graphs == ["encoder_model", "decoder_model"]
+    assert result.task == ("automatic-speech-recognition" if family == "whisper" else "text2text-generation")
+    for graph in result.graphs:
+        assert result.max_abs_diff[f"{graph}/fp32"] < 1e-4
+        assert (tmp_path / "onnx" / result.files[f"{graph}/int8"]).is_file()
+    with pytest.raises(hf_prune.export.ExportError, match="2 graphs"):
+        result.best_file
+
+    session = hf_prune.create_session(tmp_path / "onnx", variant="fp32")
+    reloaded = hf_prune.load_pruned(str(tmp_path / "model"), attn_implementation="eager")
+    if family == "whisper":
+        prompt = {"input_features": torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))}
+    else:
+        prompt = {k: v[:1] for k, v in inputs(family).items() if k != "decoder_input_ids"}
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(session.generate(**prompt, **kwargs), reloaded.generate(**prompt, **kwargs))
+    with pytest.raises(ValueError, match="without the decoder.s key/value cache"):
+        hf_prune.export_onnx(str(tmp_path / "model"), str(tmp_path / "again"), task=f"{result.task}-with-past")
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.onnx
+def test_an_encoder_decoder_classifier_exports_as_one_graph(tmp_path):
+    """BART's sequence classifier runs encoder and decoder inside one graph: it exports and serves like an encoder."""
+    pytest.importorskip("optimum.onnxruntime")
+    torch.manual_seed(0)
+    model = spread_weights(transformers.BartForSequenceClassification(transformers.BartConfig(**SEQ2SEQ))).eval()
+    heads, neurons = plan(model)
+    hf_prune.prune_heads(model, heads)
+    hf_prune.prune_ffn_neurons(model, neurons)
+    result = hf_prune.export_onnx(model, str(tmp_path / "onnx"), quantize="dynamic")
+    assert result.graphs == ["model"] and result.task == "text-classification"
+    assert result.max_abs_diff["fp32"] < 1e-4 and "int8" in result.files
+    assert type(hf_prune.create_session(tmp_path / "onnx")).__name__ == "ORTModelForSequenceClassification"
 
 
 def test_sensitivity_groups_of_an_encoder_decoder_leave_heads_out_and_say_why():

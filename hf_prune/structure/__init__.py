@@ -42,16 +42,14 @@ from .layout import (
     NEURONS_ATTR,
     AttentionSite,
     LayerView,
-    UnitSlot,
     attention_sites,
     find_layers,
     head_group_size,
-    head_slots,
-    neuron_slots,
     original_layer_indices,
 )
 from .record import CONFIG_ATTR, STRUCTURE_FORMAT_VERSION, record_structure
 from .removal import prune_ffn_neurons, prune_heads
+from .slots import ExpertProjection, UnitSlot, expert_probes, head_slots, neuron_slots
 from .spec import (
     AttentionLayout,
     HiddenLayout,
@@ -84,6 +82,7 @@ __all__ = [
     "BiasOnly",
     "CONFIG_ATTR",
     "EmptyAttention",
+    "ExpertProjection",
     "ExactLayerNorm",
     "ExactRMSNorm",
     "Layout",
@@ -93,6 +92,7 @@ __all__ = [
     "STRUCTURE_NAME",
     "UnitSlot",
     "ZeroWidth",
+    "expert_probes",
     "find_layers",
     "head_group_size",
     "head_slots",

@@ -3,6 +3,7 @@ pruning leaves behind; nn_pruning's `optimize_model`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -21,7 +22,8 @@ from .layout import (
 )
 from .paths import get_module
 from .removal import prune_ffn_neurons, prune_heads
-from .spec import AttentionLayout, MlpLayout
+from .slots import moe_neuron_slot
+from .spec import AttentionLayout, MlpLayout, MoeLayout
 
 def _all_zero(tensor: Optional[torch.Tensor]) -> bool:
     return tensor is None or not bool(tensor.any())
@@ -115,6 +117,27 @@ def _empty_neurons(mlp: MlpLayout, layer: nn.Module) -> list[int]:
     return [kept[pos] for pos in torch.nonzero(zero).flatten().tolist()]
 
 
+def _empty_moe_neurons(moe: MoeLayout, layer: nn.Module, layer_idx: int) -> list[int]:
+    """Neurons of a mixture-of-experts layer whose down-projection column is zero, in the layer's numbering.
+
+    Experts stored as one tensor (Transformers 5) keep equal widths in 16-byte rows: each routed expert then loses
+    the same number of its empty neurons, the largest such multiple all of them have.
+    """
+    slot = moe_neuron_slot(moe, layer, layer_idx)
+    found = []
+    for piece in slot.pieces():
+        matrix = matrix_view(piece.module, piece.matrix_of(piece.leaf)).detach()
+        found.append((piece, [piece.kept[pos] for pos in torch.nonzero(~matrix.any(dim=0)).flatten().tolist()]))
+    routed = [(piece, empty) for piece, empty in found if piece.expert is not None]
+    if routed:
+        multiple = 16 // math.gcd(16, routed[0][0].leaf.element_size())
+        count = min(len(empty) for _, empty in routed) // multiple * multiple
+        if count == len(routed[0][0].kept):
+            count -= multiple  # every expert keeps at least one row of neurons
+        found = [(piece, empty[: max(count, 0)] if piece.expert is not None else empty) for piece, empty in found]
+    return sorted(n for _, empty in found for n in empty)
+
+
 @torch.no_grad()
 def remove_empty_structures(model: nn.Module) -> dict[str, dict[int, list[int]]]:
     """Find heads and FFN neurons whose contribution is exactly zero and remove them physically, in place.
@@ -129,7 +152,9 @@ def remove_empty_structures(model: nn.Module) -> dict[str, dict[int, list[int]]]
     _, layers = find_layers(model)
     heads = {site.index: _empty_heads(site.spec, site.layer) for site in attention_sites(model, layers)}
     neurons = {
-        i: _empty_neurons(layers.layout(i).mlp, layer) for i, layer in enumerate(layers) if layers.layout(i).mlp
+        i: _empty_neurons(layers.layout(i).mlp, layer) if layers.layout(i).moe is None else
+        _empty_moe_neurons(layers.layout(i).moe, layer, i)
+        for i, layer in enumerate(layers) if layers.layout(i).mlp or layers.layout(i).moe
     }
     heads = {i: h for i, h in heads.items() if h}
     neurons = {i: n for i, n in neurons.items() if n}

@@ -260,42 +260,6 @@ def kept_neurons_of(mlp: MlpLayout, layer: nn.Module) -> list[int]:
     return [n for n in range(total) if n not in pruned]
 
 
-@dataclass
-class UnitSlot:
-    """What importance scoring needs of one unit holder: where to hook and how channels map to original units.
-
-    For heads a slot is one attention block (`attention_sites`), for neurons one layer.
-    """
-
-    layer_idx: int  # the key of prune_heads / prune_ffn_neurons
-    module: Optional[nn.Module]  # the output projection (heads) or down projection (neurons); None when empty
-    unit_width: int  # channels per unit: head_dim for heads, 1 for neurons
-    kept: list[int]  # original indices of the units present, in channel order
-    total: int  # units in the original block
-
-
-def head_slots(model: nn.Module) -> list[UnitSlot]:
-    slots = []
-    for site in attention_sites(model):
-        kept = kept_heads_of(site.spec, site.layer)
-        total = len(kept) + len(pruned_heads_of(site.spec, site.layer))
-        module = get_module(site.layer, site.spec.output) if kept else None
-        slots.append(UnitSlot(site.index, module, head_dim_of(site.spec, site.layer), kept, total))
-    return slots
-
-
-def neuron_slots(model: nn.Module) -> list[UnitSlot]:
-    _, view = find_layers(model)
-    slots = []
-    for i, layer in enumerate(view):
-        mlp = view.layout(i).require_mlp()
-        kept = kept_neurons_of(mlp, layer)
-        total = len(kept) + len(pruned_neurons_of(mlp, layer))
-        module = get_module(layer, mlp.output) if kept else None
-        slots.append(UnitSlot(i, module, 1, kept, total))
-    return slots
-
-
 def min_heads_per_block(model: nn.Module) -> int:
     """Heads every attention block must keep: one key/value group where the block hands a per-head position bias on
     to later layers (T5), else 0."""

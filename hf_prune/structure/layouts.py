@@ -333,8 +333,10 @@ LAYOUTS = (
             shared=MlpLayout(owner="mlp.shared_expert",
                              inputs=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
                              output="mlp.shared_expert.down_proj", activation="mlp.shared_expert.act_fn", gated=True),
+            shared_gate="mlp.shared_expert_gate",
         ),
         mlp_note=_MOE_NEURONS,
+        hidden=_LLAMA_HIDDEN,
     ),
     Layout(
         name="mixtral",
@@ -347,6 +349,7 @@ LAYOUTS = (
             expert_mlp=MlpLayout(owner="", inputs=("w1", "w3"), output="w2", activation="act_fn", gated=True),
         ),
         mlp_note=_MOE_NEURONS,
+        hidden=_LLAMA_HIDDEN,
     ),
 )
 

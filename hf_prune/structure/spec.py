@@ -117,6 +117,9 @@ class MoeLayout:
     shared: Optional[MlpLayout] = None  # a shared expert every token goes through, paths relative to the layer
     count_attrs: tuple[str, ...] = ("num_experts",)  # on the block, the router and the experts, where present
     size_attrs: tuple[str, ...] = ("intermediate_dim", "ffn_dim")  # per-expert width on a fused experts module
+    shared_gate: str = ""  # a Linear(hidden, 1) scaling the shared expert's output per token (Qwen2-MoE)
+    # Attributes holding the hidden size on the block, the router, the experts module and each expert, where int.
+    hidden_attrs: tuple[str, ...] = ("hidden_dim", "hidden_size")
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,10 @@ from .layout import (
     hidden_size_of,
     pruned_hidden_of,
 )
-from .paths import module_path, set_module
+from .paths import find_module, get_module, module_path, set_module
 from .record import check_config_change, record_structure
 from .slicing import check_plain
+from .spec import MoeLayout
 from .standins import BiasOnly, ExactLayerNorm, ExactRMSNorm, ZeroWidth
 
 logger = logging.get_logger(__name__)
@@ -59,6 +60,10 @@ class HiddenSites:
     pruned: set[int]  # ORIGINAL indices of the channels already removed
     embeddings: list[tuple[str, nn.Module]] = field(default_factory=list)
     parameters: list[tuple[str, nn.Module, str]] = field(default_factory=list)  # (path, owner, name): last dim
+    # Bare tensors that read or write the stream along an axis (fused experts, a router's weight): (path, owner,
+    # name, axis).
+    tensor_readers: list[tuple[str, nn.Module, str, int]] = field(default_factory=list)
+    tensor_writers: list[tuple[str, nn.Module, str, int]] = field(default_factory=list)
     norms: list[tuple[str, nn.Module]] = field(default_factory=list)
     readers: list[tuple[str, nn.Module]] = field(default_factory=list)  # inputs are hidden channels
     writers: list[tuple[str, nn.Module]] = field(default_factory=list)  # outputs are hidden channels
@@ -151,12 +156,17 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
         norm_paths += [_join(layer_path, p) for p in layer_spec.layer_norms
                        if _optional(model, _join(layer_path, p)) is not None]
         inputs = [p for a in stack.layout.attentions for p in (a.query, a.key, a.value, a.qkv, *a.extra_heads)]
-        mlp = stack.layout.require_mlp()
-        for path in inputs + [*mlp.inputs, mlp.fused]:
+        outputs = [a.output for a in stack.layout.attentions if a.present(layer)]
+        if stack.layout.moe is not None:
+            _add_moe_sites(sites, layer, layer_path, stack.layout.moe)
+        else:
+            mlp = stack.layout.require_mlp()
+            inputs += [*mlp.inputs, mlp.fused]
+            outputs.append(mlp.output)
+        for path in inputs:
             module = _optional(model, _join(layer_path, path)) if path else None
             if module is not None:  # absent when the layer lost all its heads
                 sites.readers.append((_join(layer_path, path), module))
-        outputs = [a.output for a in stack.layout.attentions if a.present(layer)] + [mlp.output]
         for path in outputs:
             sites.writers.append((_join(layer_path, path), required(_join(layer_path, path))))
         for path in layer_spec.layer_untouched:
@@ -206,11 +216,41 @@ def hidden_sites(model: nn.Module) -> HiddenSites:
     return sites
 
 
+def _add_moe_sites(sites: HiddenSites, layer: nn.Module, layer_path: str, moe: MoeLayout) -> None:
+    """A mixture-of-experts block on the stream: the router and every expert read it, every expert writes it."""
+    router = get_module(layer, moe.router)
+    if is_prunable_module(router):
+        sites.readers.append((_join(layer_path, moe.router), router))
+    else:  # Transformers 5: a router module holding a bare (experts, hidden) weight
+        sites.tensor_readers.append((_join(layer_path, moe.router, "weight"), router, "weight", 1))
+    experts = get_module(layer, moe.experts)
+    owners = [get_module(layer, moe.block), router, experts]
+    if isinstance(experts, nn.ModuleList):
+        for e, expert in enumerate(experts):
+            path = _join(layer_path, moe.experts, str(e))
+            sites.readers += [(_join(path, p), get_module(expert, p)) for p in moe.expert_mlp.inputs]
+            sites.writers.append((_join(path, moe.expert_mlp.output), get_module(expert, moe.expert_mlp.output)))
+            owners.append(expert)
+    else:  # (experts, 2 * size, hidden) and (experts, hidden, size)
+        path = _join(layer_path, moe.experts)
+        sites.tensor_readers.append((_join(path, moe.fused_gate_up), experts, moe.fused_gate_up, 2))
+        sites.tensor_writers.append((_join(path, moe.fused_down), experts, moe.fused_down, 1))
+    if moe.shared is not None and find_module(layer, moe.shared.output) is not None:
+        sites.readers += [(_join(layer_path, p), get_module(layer, p)) for p in moe.shared.inputs]
+        sites.writers.append((_join(layer_path, moe.shared.output), get_module(layer, moe.shared.output)))
+        owners.append(get_module(layer, moe.shared.owner))
+    if moe.shared_gate and find_module(layer, moe.shared_gate) is not None:
+        sites.readers.append((_join(layer_path, moe.shared_gate), get_module(layer, moe.shared_gate)))
+    sites.size_attrs += [(owner, attr) for owner in owners for attr in moe.hidden_attrs
+                         if isinstance(getattr(owner, attr, None), int) and getattr(owner, attr) == sites.width]
+
+
 def _check_nothing_else(model: nn.Module, sites: HiddenSites) -> None:
     claimed = set()
     for _, module in sites.embeddings + sites.norms + sites.readers + sites.writers + sites.untouched:
         claimed.update(id(p) for p in module.parameters())
     claimed.update(id(getattr(owner, name)) for _, owner, name in sites.parameters)
+    claimed.update(id(getattr(owner, name)) for _, owner, name, _ in sites.tensor_readers + sites.tensor_writers)
     unknown = [
         name for name, param in model.named_parameters()
         if id(param) not in claimed and sites.width in param.shape
@@ -381,6 +421,8 @@ def prune_hidden(model: nn.Module, channels: Iterable[int], exact: bool = False)
         module.embedding_dim = n
     for _, owner, name in sites.parameters:
         setattr(owner, name, slicer(getattr(owner, name), getattr(owner, name).dim() - 1))
+    for _, owner, name, axis in sites.tensor_readers + sites.tensor_writers:
+        setattr(owner, name, slicer(getattr(owner, name), axis))
     for path, module in sites.norms:
         _prune_norm(model, path, module, slicer, sites.width, exact)
     for _, module in sites.readers:
@@ -424,6 +466,8 @@ def hidden_channel_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter,
         add(f"{path}.weight", module.weight, 1)
     for path, owner, name in sites.parameters:
         add(path, getattr(owner, name), getattr(owner, name).dim() - 1)
+    for path, owner, name, axis in sites.tensor_writers:
+        add(path, getattr(owner, name), axis)
     for path, module in sites.writers:
         if not isinstance(module, BiasOnly):
             add(f"{path}.weight", module.weight, 1 if is_conv1d(module) else 0)

@@ -37,20 +37,27 @@ class ActivationCriterion(UnitCriterion):
                 count = mask.sum()
             else:
                 count = torch.tensor(float(norms.shape[0] * norms.shape[1]), device=norms.device)
-            state["sums"][slot.layer_idx] += norms.sum(dim=(0, 1))
-            state["count"] = count
+            state["sums"][id(slot)] += norms.sum(dim=(0, 1))
+            if x.dim() > 2:
+                # (batch, tokens, ...) inputs count the batch's tokens; the experts of a mixture-of-experts layer see
+                # only the tokens routed to them, flattened, and are averaged over all tokens like the others.
+                state["count"] = count
         return None
 
     def run_batch(self, model: nn.Module, batch: dict[str, Any], live: list[UnitSlot], state: dict, totals) -> None:
-        device = totals[0].device
+        device = next(iter(totals.values())).device
         mask = batch.get("attention_mask")
         state["token_mask"] = mask.float() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        state["sums"] = {slot.layer_idx: torch.zeros(len(slot.kept), device=device) for slot in live}
+        state["sums"] = {id(slot): torch.zeros(len(slot.kept), device=device) for slot in live}
+        ids = batch.get("input_ids")
+        tokens = state["token_mask"].sum() if state["token_mask"] is not None else (
+            ids.numel() if isinstance(ids, torch.Tensor) else 1)
+        state["count"] = torch.as_tensor(float(tokens), device=device)
         with torch.no_grad():
             model(**{k: v for k, v in batch.items() if k != "labels"})
         count = state.get("count", torch.tensor(1.0)).clamp_min(1)
         for slot in live:
-            totals[slot.layer_idx][slot.kept] += state["sums"][slot.layer_idx] / count
+            totals[slot.layer_idx][slot.kept] += state["sums"][id(slot)] / count
 
 
 register_unit_criterion("activation", ActivationCriterion)

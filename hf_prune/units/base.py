@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..structure import UnitSlot
+from ..structure import UnitSlot, expert_probes
 
 
 class UnitCriterion:
@@ -25,6 +25,8 @@ class UnitCriterion:
         `hook(slot, module, inputs, state)`: a forward pre-hook on each slot's projection; may return new inputs.
         `run_batch(model, batch, live_slots, state, totals)`: run the batch and add each live slot's per-unit
             scores (a tensor of len(slot.kept)) into `totals[slot.layer_idx][slot.kept]`.
+    Live slots are matrices (`UnitSlot.pieces()`): several of them share a `layer_idx` in a mixture-of-experts layer,
+    so per-slot state is keyed by `id(slot)`; their weights are `slot.matrix_of(slot.leaf)`.
     Class attribute `needs_loss`: whether batches must yield a loss (labels, or a language model).
     """
 
@@ -164,8 +166,8 @@ def score_units(
     `requires_grad` are restored afterwards.
     """
     device = next(model.parameters()).device
-    totals = [torch.zeros(slot.total, dtype=torch.float32, device=device) for slot in slots]
-    live = [slot for slot in slots if slot.module is not None]
+    totals = {slot.layer_idx: torch.zeros(slot.total, dtype=torch.float32, device=device) for slot in slots}
+    live = [piece for slot in slots for piece in slot.pieces() if piece.module is not None]
     state: dict[str, Any] = {}
 
     def make_hook(slot: UnitSlot):
@@ -174,11 +176,11 @@ def score_units(
     handles = [slot.module.register_forward_pre_hook(make_hook(slot)) for slot in live]
     batches = 0
     try:
-        with scoring_mode(model):
+        with scoring_mode(model), expert_probes(live):
             for batch in scoring_batches(model, dataloader, max_batches, description, progress):
                 criterion.run_batch(model, batch, live, state, totals)
                 batches += 1
     finally:
         for handle in handles:
             handle.remove()
-    return [t / batches for t in totals]
+    return [totals[slot.layer_idx] / batches for slot in slots]

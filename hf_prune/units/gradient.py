@@ -18,7 +18,7 @@ class GradientCriterion(UnitCriterion):
     def hook(self, slot: UnitSlot, module: nn.Module, inputs: tuple, state: dict) -> Optional[tuple]:
         x = inputs[0]
         gate = torch.ones(x.shape[0], len(slot.kept), dtype=x.dtype, device=x.device, requires_grad=True)
-        state["gates"][slot.layer_idx] = gate
+        state["gates"][id(slot)] = gate
         scale = gate.repeat_interleave(slot.unit_width, dim=1)
         scale = scale.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
         return (x * scale,) + tuple(inputs[1:])
@@ -27,8 +27,8 @@ class GradientCriterion(UnitCriterion):
         state["gates"] = {}
         with torch.enable_grad():
             loss = model_loss(model, batch)
-            gated = [slot for slot in live if slot.layer_idx in state["gates"]]
-            gates = [state["gates"][slot.layer_idx] for slot in gated]
+            gated = [slot for slot in live if id(slot) in state["gates"]]
+            gates = [state["gates"][id(slot)] for slot in gated]
             grads = torch.autograd.grad(loss, gates, allow_unused=True) if gates else []
         for slot, grad in zip(gated, grads):
             if grad is not None:

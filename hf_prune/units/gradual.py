@@ -19,7 +19,7 @@ from torch import nn
 from ..config import PruningConfig
 from ..linear import is_conv1d
 from ..optim import clear_optimizer_state
-from ..structure import head_group_size, head_slots, neuron_slots, prune_ffn_neurons, prune_heads
+from ..structure import UnitSlot, head_group_size, head_slots, neuron_slots, prune_ffn_neurons, prune_heads
 from ..structure.layout import min_heads_per_block
 from .base import normalize_per_layer
 from .selection import select_heads_to_prune, select_neurons_to_prune
@@ -40,23 +40,26 @@ class GradualUnitPruner:
         width = max((slot.total for slot in self.head_slots), default=0)
         self.head_scores = torch.zeros(len(self.head_slots), width)
         self.neuron_scores = {slot.layer_idx: torch.zeros(slot.total) for slot in self.neuron_slots}
+        # The matrices: one per slot, several per mixture-of-experts layer (its experts).
+        self.pieces = [(kind, piece) for kind, slots in (("heads", self.head_slots), ("neurons", self.neuron_slots))
+                       for slot in slots for piece in slot.pieces() if piece.module is not None]
         self.pruned_heads: dict[int, list[int]] = {}
         self.pruned_neurons: dict[int, list[int]] = {}
-        self.column_masks: dict[nn.Module, torch.Tensor] = {}
+        self.column_masks: dict[UnitSlot, torch.Tensor] = {}
         self.removed = False
 
     # ------------------------------------------------------------------------------------------------ scores
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add |gate gradient| of every live unit, read off the projection weights and their gradients."""
-        for slots, store in ((self.head_slots, None), (self.neuron_slots, self.neuron_scores)):
-            for slot in slots:
-                weight = slot.module.weight
-                if weight.grad is None:
-                    continue
-                per_unit = taylor_unit_scores(slot, weight.detach(), weight.grad).cpu()
-                row = self.head_scores[slot.layer_idx] if store is None else store[slot.layer_idx]
-                row[slot.kept] += per_unit
+        for kind, slot in self.pieces:
+            grad = slot.leaf.grad
+            if grad is None:
+                continue
+            weight = slot.matrix_of(slot.leaf.detach())
+            per_unit = taylor_unit_scores(slot, weight, slot.matrix_of(grad)).cpu()
+            row = self.head_scores[slot.layer_idx] if kind == "heads" else self.neuron_scores[slot.layer_idx]
+            row[slot.kept] += per_unit
 
     # ------------------------------------------------------------------------------------------------- masks
     def prune_to(self, head_fraction: float, neuron_fraction: float) -> None:
@@ -68,40 +71,41 @@ class GradualUnitPruner:
             )
         if self.neuron_slots and neuron_fraction > 0:
             scores = {layer: normalize_per_layer(row) for layer, row in self.neuron_scores.items()}
-            self.pruned_neurons = select_neurons_to_prune(scores, neuron_fraction, already_pruned=self.pruned_neurons)
+            self.pruned_neurons = select_neurons_to_prune(scores, neuron_fraction, model=self.model,
+                                                          already_pruned=self.pruned_neurons)
         self._build_column_masks()
         self.apply_masks()
 
     def _build_column_masks(self) -> None:
         self.column_masks = {}
-        for slots, pruned in ((self.head_slots, self.pruned_heads), (self.neuron_slots, self.pruned_neurons)):
-            for slot in slots:
-                gone = set(pruned.get(slot.layer_idx, ()))
-                if not gone:
-                    continue
-                units = torch.tensor([unit in gone for unit in slot.kept], dtype=torch.bool)
-                columns = units.repeat_interleave(slot.unit_width).to(slot.module.weight.device)
-                self.column_masks[slot.module] = columns
+        for kind, slot in self.pieces:
+            gone = set((self.pruned_heads if kind == "heads" else self.pruned_neurons).get(slot.layer_idx, ()))
+            if not gone:
+                continue
+            units = torch.tensor([unit in gone for unit in slot.kept], dtype=torch.bool)
+            self.column_masks[slot] = units.repeat_interleave(slot.unit_width).to(slot.leaf.device)
 
-    def _weight_mask(self, module: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+    def _weight_mask(self, slot: UnitSlot, columns: torch.Tensor) -> torch.Tensor:
         # A broadcastable view: columns of the (out, in) matrix are rows of Conv1D's stored (in, out) weight.
-        return columns.view(-1, 1) if is_conv1d(module) else columns.view(1, -1)
+        return columns.view(-1, 1) if is_conv1d(slot.module) else columns.view(1, -1)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        for module, columns in self.column_masks.items():
-            if module.weight.grad is not None:
-                module.weight.grad.masked_fill_(self._weight_mask(module, columns), 0.0)
+        for slot, columns in self.column_masks.items():
+            if slot.leaf.grad is not None:
+                slot.matrix_of(slot.leaf.grad).masked_fill_(self._weight_mask(slot, columns), 0.0)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        for module, columns in self.column_masks.items():
-            module.weight.masked_fill_(self._weight_mask(module, columns), 0.0)
+        for slot, columns in self.column_masks.items():
+            slot.matrix_of(slot.leaf).masked_fill_(self._weight_mask(slot, columns), 0.0)
 
     @torch.no_grad()
     def clear_optimizer_state(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        for module, columns in self.column_masks.items():
-            clear_optimizer_state(optimizer, module.weight, self._weight_mask(module, columns))
+        for slot, columns in self.column_masks.items():
+            matrix = slot.matrix_of(slot.leaf)
+            mask = self._weight_mask(slot, columns).expand(matrix.shape)
+            clear_optimizer_state(optimizer, slot.leaf, slot.mask_of(columns, mask))
 
     # ----------------------------------------------------------------------------------------------- removal
     def remove(self) -> dict[str, dict[int, list[int]]]:

@@ -5,13 +5,15 @@ loses exactly its own count instead: the lowest-scoring units of that layer."""
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from ..structure import structure_summary
-from ..structure.layout import min_heads_per_block
+from ..structure import find_layers, structure_summary
+from ..structure.layout import expert_size, experts_are_fused, kept_experts_of, min_heads_per_block, moe_pruned_neurons
+from ..structure.paths import get_module
 
 
 def select_units(
@@ -182,6 +184,42 @@ def select_neurons_to_prune(
         already_pruned = structure_summary(model)["pruned_neurons"]
     scores = {int(layer): row.detach().float().cpu() for layer, row in importance.items()}
     already = {int(k): {int(n) for n in v} for k, v in (already_pruned or {}).items()}
-    return select_units(scores, fraction, already, 1, min_neurons_per_layer, allow_remove_all, "neurons",
-                        layer_budget)
+    chosen = select_units(scores, fraction, already, 1, min_neurons_per_layer, allow_remove_all, "neurons",
+                          layer_budget)
+    return even_fused_experts(model, chosen, scores, already) if model is not None else chosen
+
+
+def even_fused_experts(
+    model: nn.Module, chosen: dict[int, list[int]], scores: Mapping[int, torch.Tensor], already: dict[int, set[int]]
+) -> dict[int, list[int]]:
+    """Make a neuron selection removable from mixture-of-experts layers whose experts are one tensor.
+
+    Transformers 5 stores a layer's routed experts as 3D tensors, so every expert keeps the same number of neurons,
+    in rows of a multiple of 16 bytes (torch's grouped matrix product). In each such layer every routed expert keeps
+    the mean number the selection left them, rounded to that multiple (at least one multiple): its highest-scoring
+    neurons, never one already chosen before (`already`: removal stays monotone). Other layers, and the shared
+    expert, keep the selection as it is.
+    """
+    _, view = find_layers(model)
+    result = {layer: set(units) for layer, units in chosen.items()}
+    for i, layer in enumerate(view):
+        moe = view.layout(i).moe
+        if moe is None or not experts_are_fused(moe, layer) or i not in scores:
+            continue
+        size, gone = expert_size(moe, layer), result.get(i, set())
+        removed, before = moe_pruned_neurons(moe, layer), already.get(i, set())
+        present = {e: [e * size + n for n in range(size) if e * size + n not in removed]
+                   for e in kept_experts_of(moe, layer)}
+        left = [sum(1 for n in units if n not in gone) for units in present.values()]
+        element = getattr(get_module(layer, moe.experts), moe.fused_down).element_size()
+        multiple = 16 // math.gcd(16, element)
+        keep = max(multiple, int(round(sum(left) / len(left) / multiple)) * multiple)
+        available = {e: [n for n in units if n not in before] for e, units in present.items()}
+        keep = min([keep, *(len(units) for units in available.values())])
+        row = scores[i]
+        for e, units in available.items():
+            ranked = sorted(units, key=lambda n: float(row[n]), reverse=True)
+            gone = (gone - set(present[e])) | (set(present[e]) - set(ranked[:keep]))
+        result[i] = gone
+    return {layer: sorted(units) for layer, units in sorted(result.items()) if units}
 

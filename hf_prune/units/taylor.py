@@ -27,18 +27,21 @@ class TaylorCriterion(UnitCriterion):
     needs_loss = True
 
     def run_batch(self, model: nn.Module, batch: dict[str, Any], live: list[UnitSlot], state: dict, totals) -> None:
-        weights = [slot.module.weight for slot in live]
-        for weight in weights:
-            weight.requires_grad_(True)
+        leaves = list({id(slot.leaf): slot.leaf for slot in live}.values())  # fused experts share one tensor
+        for leaf in leaves:
+            leaf.requires_grad_(True)
         try:
             with torch.enable_grad():
-                grads = torch.autograd.grad(model_loss(model, batch), weights, allow_unused=True)
+                grads = torch.autograd.grad(model_loss(model, batch), leaves, allow_unused=True)
         finally:
-            for weight in weights:
-                weight.requires_grad_(False)
-        for slot, weight, grad in zip(live, weights, grads):
+            for leaf in leaves:
+                leaf.requires_grad_(False)
+        grad_of = {id(leaf): grad for leaf, grad in zip(leaves, grads)}
+        for slot in live:
+            grad = grad_of[id(slot.leaf)]
             if grad is not None:
-                totals[slot.layer_idx][slot.kept] += taylor_unit_scores(slot, weight.detach(), grad)
+                weight = slot.matrix_of(slot.leaf.detach())
+                totals[slot.layer_idx][slot.kept] += taylor_unit_scores(slot, weight, slot.matrix_of(grad))
 
 
 register_unit_criterion("taylor", TaylorCriterion)
