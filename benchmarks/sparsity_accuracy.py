@@ -37,7 +37,7 @@ from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_prune import MagnitudePruningCallback, PruningConfig, PruningTrainer, make_permanent
-from hf_prune.job import JobData, arm_training_arguments, score_arm, train_dense
+from hf_prune.commands.job import JobData, arm_training_arguments, score_arm, train_dense
 from hf_prune.masks import find_target_modules
 from hf_prune.metrics import compute_metrics
 from hf_prune.recipes.packaged import job_splits, packaged_model_path
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         except (ValueError, TypeError) as err:
             parser.error(f"--two_lines_variants {spec!r}: {err}")
 
-    from hf_prune.cli import parse_train_args
+    from hf_prune.commands.train import parse_args as parse_train_args
 
     arms_config = {}
     for path in args.configs:

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, default_data_collator
 
 from hf_prune import PruningConfig, PruningTrainer, prune_structured, save_pruned, structure_summary
-from hf_prune.benchmark import encoder_flops
-from hf_prune.cli import parse_train_args
-from hf_prune.job import JobData, arm_training_arguments, train_dense
+from hf_prune.flops import encoder_flops
+from hf_prune.commands.train import parse_args as parse_train_args
+from hf_prune.commands.job import JobData, arm_training_arguments, train_dense
 from hf_prune.metrics import compute_metrics
 from hf_prune.recipes.packaged import job_splits, packaged_model_path
 

@@ -37,6 +37,11 @@ from .structure import (
 from .torch_prune import fold_torch_prune
 from .trainer import PruningTrainer
 from .units import (
+    ChannelCriterion,
+    LayerCriterion,
+    UnitCriterion,
+    available_channel_criteria,
+    available_layer_criteria,
     available_unit_criteria,
     compute_channel_importance,
     compute_expert_importance,
@@ -44,6 +49,8 @@ from .units import (
     compute_layer_importance,
     compute_neuron_importance,
     prune_structured,
+    register_channel_criterion,
+    register_layer_criterion,
     register_unit_criterion,
     select_channels_to_prune,
     select_heads_to_prune,
@@ -53,6 +60,7 @@ from .units import (
 from .version import __version__
 
 __all__ = [
+    "ChannelCriterion",
     "ConstantPruningCallback",
     "OneShotResult",
     "PerplexityResult",
@@ -64,6 +72,7 @@ __all__ = [
     "ExportResult",
     "ExportVerificationError",
     "HeadPruningCallback",
+    "LayerCriterion",
     "MagnitudePruningCallback",
     "MovementPruningCallback",
     "PruningCallback",
@@ -73,10 +82,13 @@ __all__ = [
     "Pruner",
     "SensitivityResult",
     "SparsitySchedule",
+    "UnitCriterion",
     "__version__",
     "allocate_sparsity",
     "allocate_units",
     "analyze_sensitivity",
+    "available_channel_criteria",
+    "available_layer_criteria",
     "available_methods",
     "available_unit_criteria",
     "compute_channel_importance",
@@ -97,6 +109,8 @@ __all__ = [
     "prune_hidden",
     "prune_layers",
     "prune_structured",
+    "register_channel_criterion",
+    "register_layer_criterion",
     "register_method",
     "register_unit_criterion",
     "remove_empty_structures",

@@ -1,4 +1,5 @@
-"""TrainerCallbacks that prune during fine-tuning: add one to any existing `Trainer` through `callbacks=[...]`.
+"""TrainerCallbacks that prune during fine-tuning: add one to any existing `Trainer` through `callbacks=[...]`, then
+`callback.attach(trainer)` so that reporters (TensorBoard, W&B) receive the sparsity metrics.
 
 They are thin: every decision is the `Pruner`'s. `PruningTrainer` uses the same callbacks internally, so a script that
 adds a callback and one that switches to `PruningTrainer` get the same masks for the same seed and config.
@@ -6,12 +7,12 @@ adds a callback and one that switches to `PruningTrainer` get the same masks for
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 from typing import Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging
 
 from .config import PruningConfig
@@ -54,8 +55,33 @@ class PruningCallback(TrainerCallback):
         self.config = config
         self.pruner: Optional[Pruner] = None
         self._loss_scale: Optional[float] = None  # the fp16 GradScaler's scale before the current step
-        self.resume_from: Optional[str] = None  # set by PruningTrainer.train(resume_from_checkpoint=...)
+        # The checkpoint folder a resumed run continues from: set by PruningTrainer.train(resume_from_checkpoint=...);
+        # with a plain Trainer, set it (or TrainingArguments.resume_from_checkpoint) for a folder outside output_dir.
+        self.resume_from: Optional[str] = None
         self.metrics_logged_by_trainer = managed_by_trainer
+        self._first_in_handler = False  # set by attach()
+        self._warned_about_reporters = False
+
+    def attach(self, trainer):
+        """Put this callback first among `trainer`'s callbacks (adding it if it is not there yet); returns `trainer`.
+
+        With a plain `Trainer`, call it once after building the trainer. Trainer places its reporting callbacks
+        (TensorBoard, W&B, ...) before the callbacks it is given and calls `on_log` in list order, so the sparsity
+        metrics this callback adds to each log event would otherwise land in `state.log_history` but never reach the
+        reporters. Trainer offers a callback no handle on that list, so the trainer has to be handed over.
+        `PruningTrainer` does this for its own callback (and adds the metrics in `log` anyway).
+        """
+        from .trainer import PruningTrainer  # here: trainer.py imports this module
+
+        if isinstance(trainer, PruningTrainer) and trainer.pruning_callback is not self:
+            raise ValueError("PruningTrainer adds its own pruning callback; attach hf_prune callbacks to a plain "
+                             "Trainer.")
+        if trainer.pop_callback(self) is None:
+            # Not given to the trainer's constructor: catch up on the event it missed (early checks, the Pruner).
+            self.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        trainer.callback_handler.callbacks.insert(0, self)
+        self._first_in_handler = True
+        return trainer
 
     def build(self, model) -> Pruner:
         if self.pruner is None or self.pruner.model is not model or weights_sharded_since(self.pruner):
@@ -82,7 +108,7 @@ class PruningCallback(TrainerCallback):
         pruner.attach_optimizer(optimizer)
         if state.global_step > 0:
             self._restore(args, state, pruner)
-        self._log_before_reporters()
+        self._warn_if_reporters_come_first(args)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._loss_scale = _loss_scale(optimizer)
@@ -120,33 +146,57 @@ class PruningCallback(TrainerCallback):
             logger.info("hf_prune: removed heads %s and FFN neurons of %d layers", removed["heads"], len(removed["neurons"]))
 
     def _restore(self, args, state, pruner: Pruner) -> None:
-        candidates = [
-            self.resume_from,
-            _resume_path_given_to_trainer(),
+        # Trainer tells a callback neither the folder train(resume_from_checkpoint=...) resumed from nor anything that
+        # leads to it, so the pruning state is looked for where the supported interfaces point: the folder
+        # PruningTrainer.train recorded (or the user set on the callback), TrainingArguments.resume_from_checkpoint
+        # (where scripts put the path they give train()), and output_dir/checkpoint-<step> (what
+        # train(resume_from_checkpoint=True) picks). The last two are guesses, taken only when the folder's
+        # trainer_state.json is the state Trainer restored: a same-step checkpoint of another run in output_dir must
+        # not lend this run its masks and scores. Trainer's stateful callbacks (ExportableState) do not carry the
+        # state instead: they keep JSON in trainer_state.json (no tensors, no folder that survives a move), and with
+        # restore_callback_states_from_checkpoint Trainer would replace this callback by a new instance.
+        told = [self.resume_from]
+        guessed = [
             args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
             os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}"),
         ]
-        for directory in candidates:
-            if directory and os.path.isfile(os.path.join(directory, STATE_NAME)):
-                pruner.load(directory)
-                logger.info("hf_prune: restored pruning state of step %d from %s", state.global_step, directory)
-                return
-        searched = list(dict.fromkeys(c for c in candidates if c))
+        other_runs = []
+        for directory in told + guessed:
+            if not directory or not os.path.isfile(os.path.join(directory, STATE_NAME)):
+                continue
+            if directory not in told and not _holds_trainer_state(directory, state):
+                other_runs.append(directory)
+                continue
+            pruner.load(directory)
+            logger.info("hf_prune: restored pruning state of step %d from %s", state.global_step, directory)
+            return
+        searched = list(dict.fromkeys(c for c in told + guessed if c))
+        not_this_run = (
+            f" ({other_runs} hold one, but their {TRAINER_STATE_NAME} is not the state Trainer resumed: another run "
+            "or step)" if other_runs else ""
+        )
+        how_to_point = (
+            "A plain Trainer does not tell its callbacks the folder given to train(resume_from_checkpoint=...): for "
+            f"a folder other than output_dir/{CHECKPOINT_PREFIX}-<step>, set "
+            "TrainingArguments(resume_from_checkpoint=...) to it as well, or use PruningTrainer."
+        )
         if pruner.method.state_dict() and not self.config.allow_resume_changes:
             # Movement-type scores live only in the state file: without it the run would end with other masks.
             raise ValueError(
                 f"hf_prune: resuming at step {state.global_step} with method {self.config.method!r}, but no "
-                f"{STATE_NAME} was found in {searched}: its scores would restart from zero and the run would end "
-                "with masks an uninterrupted run would not have. Resume from a checkpoint that hf_prune saved, or set "
-                "PruningConfig(allow_resume_changes=True) to rebuild the masks from the zeros in the weights and "
-                "restart the scores."
+                f"{STATE_NAME} was found in {searched}{not_this_run}: its scores would restart from zero and the run "
+                "would end with masks an uninterrupted run would not have. Resume from a checkpoint that hf_prune "
+                "saved, or set PruningConfig(allow_resume_changes=True) to rebuild the masks from the zeros in the "
+                f"weights and restart the scores. {how_to_point}"
             )
         # Without the state file, the zeros saved in the weights are the masks (exact for magnitude pruning).
         logger.warning(
-            "hf_prune: resuming at step %d but no %s found in %s; rebuilding masks from the zeros in the weights.",
+            "hf_prune: resuming at step %d but no %s found in %s%s; rebuilding masks from the zeros in the weights. %s",
             state.global_step,
             STATE_NAME,
             searched,
+            not_this_run,
+            how_to_point,
         )
         masks = {}
         for name, module in pruner.modules.items():
@@ -155,14 +205,21 @@ class PruningCallback(TrainerCallback):
         pruner.set_masks(masks)
         pruner.scheduled_sparsity = pruner.schedule.sparsity_at(state.global_step)
 
-    def _log_before_reporters(self) -> None:
-        # Reporting callbacks (TensorBoard, W&B, ...) are registered before user callbacks, and `on_log` runs in
-        # list order, so sparsity added in our `on_log` would reach them one event late. Moving this callback to the
-        # front of the handler's list makes it write the metrics first. The handler is the caller of this event.
-        handler = sys._getframe(2).f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
+    def _warn_if_reporters_come_first(self, args) -> None:
+        # See attach(): without it, a plain Trainer's reporters have logged each event before on_log adds sparsity.
+        # Only report_to's reporters are known to come first, so only they are warned about.
+        if self.metrics_logged_by_trainer or self._first_in_handler or self._warned_about_reporters:
+            return
+        reporters = [r for r in (getattr(args, "report_to", None) or []) if r != "none"]
+        if reporters:
+            self._warned_about_reporters = True
+            logger.warning(
+                "hf_prune: %s runs after the reporting callbacks %s, so they will not receive the sparsity metrics "
+                "it logs (trainer.state.log_history has them). Call attach(trainer) on the callback after building "
+                "the Trainer, or use hf_prune.PruningTrainer.",
+                type(self).__name__,
+                reporters,
+            )
 
 
 class MagnitudePruningCallback(PruningCallback):
@@ -210,23 +267,20 @@ class HeadPruningCallback(PruningCallback):
         super().__init__(config)
 
 
-def _resume_path_given_to_trainer() -> Optional[str]:
-    """The checkpoint `Trainer.train(resume_from_checkpoint=...)` is resuming from, or None.
+def _holds_trainer_state(directory: str, state: TrainerState) -> bool:
+    """Whether `directory` is the checkpoint whose `trainer_state.json` Trainer restored as `state` (or a copy of it).
 
-    Trainer hands callbacks neither that path nor its own state file, and `TrainingArguments.resume_from_checkpoint`
-    holds only what the user put there, so a checkpoint outside `output_dir` would otherwise go unseen. Trainer's
-    training loop (`_inner_training_loop`, the caller of `on_train_begin` in Transformers 4.x and 5.x) has the
-    resolved path as its argument; it is read from that frame.
+    Its step and log history (losses, learning rates, sparsity: particular to a run) must be the restored ones;
+    compared as JSON, so that NaN losses compare equal.
     """
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), Trainer):
-            path = frame.f_locals.get("resume_from_checkpoint")
-            return path if isinstance(path, str) else None
-        frame = frame.f_back
-    return None
+    try:
+        with open(os.path.join(directory, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return saved.get("global_step") == state.global_step and json.dumps(
+        saved.get("log_history"), sort_keys=True
+    ) == json.dumps(state.log_history, sort_keys=True)
 
 
 def _loss_scale(optimizer) -> Optional[float]:

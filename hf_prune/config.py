@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union, get_args
 from transformers.utils import logging
 
 from .files import atomic_write_text
-from .methods import available_methods, get_method
+from .methods import PruningMethod, available_methods, get_method
 
 logger = logging.get_logger(__name__)
 
@@ -34,7 +34,9 @@ FORMAT_VERSION = 1
 
 # Linear layers inside numbered transformer blocks: `encoder.layer.3.`, `layers.3.`, `transformer.h.3.`, `blocks.3.`.
 # Embeddings, pooler and classifier/LM heads sit outside the blocks and stay dense.
-DEFAULT_TARGETS = (r"(^|\.)(layer|layers|h|block|blocks)\.\d+\.",)
+# The names Transformers gives a list of transformer blocks; one place for every regex that finds a block.
+BLOCK_NAMES = r"(layer|layers|h|block|blocks)"  # a group: the saved default targets keep their original text
+DEFAULT_TARGETS = (rf"(^|\.){BLOCK_NAMES}\.\d+\.",)
 DEFAULT_EXCLUDE: tuple[str, ...] = ()
 
 CONFIG_NAME = "pruning_config.json"
@@ -248,8 +250,7 @@ class PruningConfig:
                 _fail(option, patterns, "give a list of regular expressions (strings) over module names")
         if not isinstance(self.sparsity_overrides, dict):
             _fail("sparsity_overrides", self.sparsity_overrides, "give a mapping of module-name regex to sparsity")
-        if self.method not in available_methods():
-            _fail("method", self.method, f"choose one of the registered methods {list(available_methods())}")
+        self.method_class()  # raises, naming the option, the value and the registered methods
         if self.schedule not in SCHEDULES:
             _fail("schedule", self.schedule, f"choose one of {SCHEDULES}")
         if self.granularity not in GRANULARITIES:
@@ -302,7 +303,7 @@ class PruningConfig:
                 _fail("sparsity_overrides", {pattern: value}, "a sparsity must be a number in [0, 1), not a bool")
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 _fail("sparsity_overrides", {pattern: value}, "a sparsity must lie in [0, 1)")
-        get_method(self.method).validate_config(self)
+        self.method_class().validate_config(self)
         # Written as `not value > 0` so that NaN fails too.
         if not self.score_learning_rate > 0:
             _fail("score_learning_rate", self.score_learning_rate, "must be > 0")
@@ -312,6 +313,11 @@ class PruningConfig:
             _fail("distillation_hidden_weight", self.distillation_hidden_weight, "must be >= 0")
         if not self.distillation_temperature > 0:
             _fail("distillation_temperature", self.distillation_temperature, "must be > 0")
+
+    def method_class(self) -> type[PruningMethod]:
+        """The registered `PruningMethod` subclass that `method` names: the one place a config's method is resolved,
+        so every caller gets the same error for an unknown name and sees methods registered after the config."""
+        return get_method(self.method)
 
     @property
     def block_dims(self) -> tuple[int, int]:

@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Iterable, Optional, Union
 
 import datasets
 import numpy as np
@@ -56,6 +56,8 @@ class DataArguments:
     option of `hf-prune train` (and, for the data source and columns, of `hf-prune benchmark`)."""
 
     _argument_group_name = "data"  # HfArgumentParser groups these options under this title in --help
+    # File suffixes the options accept; a command that reads other files (plain text) widens it.
+    file_types: ClassVar[tuple[str, ...]] = tuple(DATA_FILE_TYPES)
 
     dataset_name: Optional[str] = field(
         default=None,
@@ -135,7 +137,7 @@ class DataArguments:
         if self.dataset_config_name and not self.dataset_name:
             raise ValueError(f"--dataset_config_name {self.dataset_config_name!r} needs --dataset_name.")
         for option, path in files.items():
-            check_data_file(path, option)
+            check_data_file(path, option, self.file_types)
         for option in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, option)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -171,11 +173,11 @@ def parse_text_columns(value: Union[None, str, Sequence[str]], option: str = "te
     return columns
 
 
-def check_data_file(path: str, option: str) -> None:
-    """Raise `ValueError` naming `option` if `path` has an unsupported suffix or does not exist."""
-    if Path(path).suffix.lower() not in DATA_FILE_TYPES:
-        raise ValueError(f"--{option} {path!r} has an unsupported extension: give a "
-                         f"{'/'.join(DATA_FILE_TYPES)} file.")
+def check_data_file(path: str, option: str, file_types: Iterable[str] = tuple(DATA_FILE_TYPES)) -> None:
+    """Raise `ValueError` naming `option` if `path` has a suffix not in `file_types` or does not exist."""
+    file_types = tuple(file_types)
+    if Path(path).suffix.lower() not in file_types:
+        raise ValueError(f"--{option} {path!r} has an unsupported extension: give a {'/'.join(file_types)} file.")
     if not os.path.isfile(path):
         raise ValueError(f"--{option} {path!r} does not exist.")
 

@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import PruningConfig
 from .files import atomic_write_text, staged_directory
-from .masks import sparsity_report
+from .masks import config_sparsity_report
 from .pruner import STATE_NAME
 from .structure import STRUCTURE_NAME, save_structure, structure_summary
 from .torch_prune import check_no_torch_prune
@@ -179,7 +179,7 @@ def save_pruning_artifacts(
 ) -> Optional[dict]:
     """Write `pruning_config.json`, `sparsity_report.json` and (optionally) the model-card section next to weights."""
     os.makedirs(directory, exist_ok=True)
-    report = sparsity_report(model, config.targets, config.exclude)
+    report = config_sparsity_report(model, config)
     atomic_write_text(os.path.join(directory, "pruning_config.json"), config.to_json_string())
     atomic_write_text(os.path.join(directory, REPORT_NAME), json.dumps(report, indent=2) + "\n")
     structure = pruned_structure(model)

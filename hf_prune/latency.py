@@ -28,7 +28,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from .benchmark import encoder_flops
+from .flops import encoder_flops
 from .export import export_onnx
 from .runtime import onnx_logits_runner
 from .structure import structure_summary

@@ -153,6 +153,12 @@ def check_pattern_fits(name: str, module: nn.Module, config: PruningConfig) -> N
             )
 
 
+def config_sparsity_report(model: nn.Module, config: PruningConfig) -> dict:
+    """`sparsity_report` over the layers `config` prunes (its `targets` and `exclude`): what every saved report,
+    plot and logged sparsity of a pruning run measures."""
+    return sparsity_report(model, config.targets, config.exclude)
+
+
 def sparsity_report(
     model: nn.Module,
     targets: Optional[Iterable[str]] = None,

@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import check_bounds, exact_overrides
+from .blocks import module_layers
 from .config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from .linear import matrix_view
 from .masks import find_target_modules
-from .sensitivity import module_layers
 from .units.base import move_batch
 
 # Bisection steps for the common shift that puts the clipped sparsities' mean back on the target.

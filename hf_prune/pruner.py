@@ -30,7 +30,14 @@ from transformers.utils import logging
 from .config import PruningConfig
 from .files import atomic_torch_save
 from .linear import is_prunable_module, matrix_view, stored_layout
-from .masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
+from .masks import (
+    check_pattern_fits,
+    config_sparsity_report,
+    expand_units,
+    find_target_modules,
+    select_lowest,
+    unit_scores,
+)
 from .methods import PruningMethod, available_methods, get_method
 from .methods.base import input_observer, same_dtype
 from .optim import keep_optimizer_state
@@ -79,7 +86,7 @@ class Pruner:
         config.validate()
         self.config = config
         self.model = model
-        method_cls = get_method(config.method)
+        method_cls = config.method_class()
         if method_cls.one_shot_only:
             raise ValueError(
                 f"PruningConfig.method={config.method!r} prunes once from calibration data and updates the kept weights; "
@@ -114,7 +121,7 @@ class Pruner:
         # Trainer built the Pruner, and the callback then builds a new one.
         self.sharded = any(is_sharded(m.weight) for m in self.modules.values())
         if self.sharded and (
-                get_method(config.method).requires_trainer or config.head_sparsity > 0 or config.neuron_sparsity > 0):
+                config.method_class().requires_trainer or config.head_sparsity > 0 or config.neuron_sparsity > 0):
             raise ValueError(
                 f"hf_prune: under FSDP2 (sharded parameters) PruningConfig.method={config.method!r}, head_sparsity="
                 f"{config.head_sparsity} and neuron_sparsity={config.neuron_sparsity} are not supported yet: use a "
@@ -365,7 +372,7 @@ class Pruner:
     def measured_sparsity(self) -> float:
         """Fraction of targeted weights that are exactly zero, counted on the weights (not on the masks)."""
         if self.finished:  # modules were rebuilt by structural removal
-            return sparsity_report(self.model, self.config.targets, self.config.exclude)["global_sparsity"]
+            return config_sparsity_report(self.model, self.config)["global_sparsity"]
         zeros = sum(int((full(m.weight.detach()) == 0).sum()) for m in self.modules.values())
         return zeros / self.num_targeted
 

@@ -17,8 +17,8 @@ puts the weights back bit for bit. The result feeds `hf_prune.allocate_sparsity`
 `PruningConfig.sparsity_overrides`), `hf_prune.allocate_units` (per-layer head/neuron budgets) and
 `hf_prune.plot.plot_sensitivity`.
 
-`hf-prune sensitivity` runs it on a fine-tuned classifier and writes sensitivity.json/.csv/.png and allocation.json
-(`run_sensitivity`).
+`hf-prune sensitivity` (`hf_prune.commands.sensitivity`) runs it on a fine-tuned classifier and writes
+sensitivity.json/.csv/.png and allocation.json.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import csv
 import io
 import itertools
 import json
-import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
@@ -37,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .allocation import ALLOCATION_KINDS, allocate_sparsity, check_bounds
+from .blocks import module_layers
 from .config import DEFAULT_EXCLUDE, DEFAULT_TARGETS, PruningConfig
 from .files import atomic_write_text
 from .linear import matrix_view
@@ -48,7 +46,7 @@ from .structure import find_layers, head_group_size, head_slots, neuron_slots
 from .structure.layout import find_module, get_module
 from .units import available_unit_criteria, compute_head_importance, compute_neuron_importance
 from .units import select_heads_to_prune, select_neurons_to_prune
-from .units.base import model_loss, move_batch
+from .units.base import loss_gradients, model_loss, move_batch
 
 logger = logging.get_logger(__name__)
 
@@ -59,7 +57,6 @@ DEFAULT_LEVELS: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
 METRICS = ("loss", "accuracy")
 FORMAT_VERSION = 1
 # The transformer block a module lives in, by name, when the architecture has no known layout.
-_LAYER_PATH = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+))\.")
 
 Metric = Union[None, str, Callable[[nn.Module, Sequence[Mapping[str, Any]]], float]]
 
@@ -135,29 +132,6 @@ class SensitivityResult:
 
 
 # ------------------------------------------------------------------------------------------------ groups
-def module_layers(model: nn.Module, names: Iterable[str]) -> dict[str, Optional[tuple[str, int]]]:
-    """{module name: (path of its transformer block, block index)} or None for a module outside the blocks.
-
-    Blocks come from the architecture's layout (`hf_prune.structure.find_layers`) when hf_prune knows it, else from
-    the naming `PruningConfig`'s default targets match (`layer.3.`, `layers.3.`, `h.3.`, `blocks.3.`).
-    """
-    prefixes: list[tuple[str, int]] = []
-    try:
-        _, layers = find_layers(model)
-        path_of = {id(module): name for name, module in model.named_modules()}
-        prefixes = [(path_of[id(layer)], i) for i, layer in enumerate(layers) if id(layer) in path_of]
-    except ValueError:
-        pass
-    result: dict[str, Optional[tuple[str, int]]] = {}
-    for name in names:
-        found = next(((p, i) for p, i in prefixes if name.startswith(p + ".")), None)
-        if found is None:
-            match = _LAYER_PATH.match(name)
-            found = (match.group(1), int(match.group(2))) if match else None
-        result[name] = found
-    return result
-
-
 def sensitivity_groups(
     model: nn.Module,
     kinds: Optional[Sequence[str]] = None,
@@ -332,24 +306,16 @@ def weight_scores(
     if cls.needs_gradients:
         names = list(modules)
         weights = [modules[n].weight for n in names]
-        flags = [w.requires_grad for w in weights]
-        try:
-            for w in weights:
-                w.requires_grad_(True)
-            for batch in batches:
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(model_loss(model, dict(batch)), weights, allow_unused=True)
-                used = [(n, w.detach(), g) for n, w, g in zip(names, weights, grads) if g is not None]
-                if used:
-                    criterion.on_gradients([u[0] for u in used], [u[1] for u in used], [u[2] for u in used])
-        finally:
-            for w, flag in zip(weights, flags):
-                w.requires_grad_(flag)
+        for batch in batches:
+            grads = loss_gradients(model, batch, weights)
+            used = [(n, w.detach(), g) for n, w, g in zip(names, weights, grads) if g is not None]
+            if used:
+                criterion.on_gradients([u[0] for u in used], [u[1] for u in used], [u[2] for u in used])
     return {name: criterion.scores(name, module).detach().float().clone() for name, module in modules.items()}
 
 
 # ------------------------------------------------------------------------------------------------ analysis
-def _check_levels(levels: Sequence[float], option: str = "analyze_sensitivity: levels=") -> list[float]:
+def check_levels(levels: Sequence[float], option: str = "analyze_sensitivity: levels=") -> list[float]:
     values = list(levels) if levels is not None else []
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0
                          for v in values):
@@ -409,7 +375,7 @@ def analyze_sensitivity(
         A `SensitivityResult`; the model's weights, buffers, `requires_grad`, `.grad` and train/eval mode are
         exactly as they were (weights restored bit for bit after every measurement, even on error).
     """
-    levels = _check_levels(levels)
+    levels = check_levels(levels)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"analyze_sensitivity: max_batches={max_batches!r} is invalid: a positive number of "
@@ -498,164 +464,3 @@ def _measure(
         with torch.no_grad():
             for weight, copy in zip(touched, saved):
                 weight.copy_(copy)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-@dataclass
-class SensitivityArguments:
-    """Options of `hf-prune sensitivity` (data options are those of `hf-prune train`)."""
-
-    _argument_group_name = "sensitivity"  # HfArgumentParser groups these options under this title in --help
-
-    model_name_or_path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Fine-tuned sequence-classification model (folder or Hub id; load_pruned checkpoints too)."},
-    )
-    output_dir: str = field(
-        default="outputs/sensitivity",
-        metadata={"help": "Where sensitivity.json, sensitivity.csv, sensitivity.png and allocation.json are written."},
-    )
-    levels: list[float] = field(
-        default_factory=lambda: list(DEFAULT_LEVELS),
-        metadata={"help": "Pruning levels: fractions of each group's weights (or of a layer's heads/neurons)."},
-    )
-    groups: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": f"Kinds of groups to prune one at a time, among {list(GROUP_KINDS)} (default: all the "
-                  "architecture supports). The allocation needs linear (or layer, see --allocation_kind)."},
-    )
-    method: str = field(
-        default="magnitude",
-        metadata={"help": "Weight criterion (a registered pruning method): magnitude, or movement (gradients over "
-                  "the calibration batches)."},
-    )
-    importance: str = field(
-        default="gradient",
-        metadata={"help": "Head/neuron importance criterion for the heads and neurons groups (gradient, activation, "
-                  "taylor, ...)."},
-    )
-    metric: Literal["accuracy", "loss"] = field(
-        default="accuracy", metadata={"help": "Metric measured: accuracy (higher is better) or loss (lower is better)."}
-    )
-    split: Literal["auto", "validation", "train", "test"] = field(
-        default="auto",
-        metadata={"help": "Split the metric is measured on: auto takes validation when the data has one, else train."},
-    )
-    max_batches: Optional[int] = field(
-        default=8, metadata={"help": "Batches of the split measured (the first ones, in order); fewer is faster."}
-    )
-    batch_size: int = field(default=32, metadata={"help": "Examples per batch."})
-    target_sparsity: float = field(
-        default=0.9,
-        metadata={"help": "Global sparsity the allocation in allocation.json reaches exactly over the targeted "
-                  "weights (the Linears inside the transformer blocks)."},
-    )
-    min_sparsity: float = field(default=0.0, metadata={"help": "Lowest sparsity any module is given."})
-    max_sparsity: float = field(default=0.99, metadata={"help": "Highest sparsity any module is given (< 1)."})
-    allocation_kind: Literal["linear", "layer"] = field(
-        default="linear",
-        metadata={"help": "Allocate per Linear (linear) or one sparsity per transformer layer (layer)."},
-    )
-
-    def __post_init__(self) -> None:
-        _check_levels(self.levels, "--levels ")
-        self.levels = [float(v) for v in self.levels]
-        if self.groups is not None:
-            unknown = [g for g in self.groups if g not in GROUP_KINDS]
-            if unknown or not self.groups:
-                raise ValueError(f"--groups {self.groups!r} is invalid: choose among {list(GROUP_KINDS)}.")
-            if self.allocation_kind not in self.groups:
-                raise ValueError(f"--groups {self.groups!r} has no {self.allocation_kind!r} groups, which "
-                                 f"--allocation_kind {self.allocation_kind} allocates from; add it.")
-        if self.allocation_kind not in ALLOCATION_KINDS:
-            raise ValueError(f"--allocation_kind {self.allocation_kind!r} is invalid: choose one of "
-                             f"{list(ALLOCATION_KINDS)}.")
-        if self.method not in available_methods() or get_method(self.method).requires_trainer:
-            usable = [m for m in available_methods() if not get_method(m).requires_trainer]
-            raise ValueError(f"--method {self.method!r} is invalid: choose a criterion that scores a trained model "
-                             f"one-shot, one of {usable}.")
-        if self.importance not in available_unit_criteria():
-            raise ValueError(f"--importance {self.importance!r} is not a registered unit criterion; choose one of "
-                             f"{list(available_unit_criteria())}.")
-        if self.metric not in METRICS:
-            raise ValueError(f"--metric {self.metric!r} is invalid: choose one of {list(METRICS)}.")
-        if self.split not in ("auto", "validation", "train", "test"):
-            raise ValueError(f"--split {self.split!r} is invalid: choose auto, validation, train or test.")
-        for option in ("max_batches", "batch_size"):
-            value = getattr(self, option)
-            if value is None and option == "max_batches":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{option} {value!r} is invalid: a positive integer.")
-        try:
-            check_bounds("hf-prune sensitivity", self.target_sparsity, self.min_sparsity, self.max_sparsity,
-                         ("target_sparsity", "min_sparsity", "max_sparsity"))
-        except ValueError as err:
-            raise ValueError(str(err).replace("hf-prune sensitivity: ", "--")) from None
-
-
-def run_sensitivity(
-    args: SensitivityArguments,
-    data_args: Any,
-    splits: Optional[Mapping[str, Any]] = None,
-    sources: Union[None, str, Mapping[str, str]] = None,
-    job_data: Any = None,
-) -> dict[str, Any]:
-    """`hf-prune sensitivity`: analyse a fine-tuned classifier on labelled data, allocate, write the files.
-
-    Args:
-        args: the command's options; `data_args`: a `hf_prune.data.DataArguments`; `splits`/`sources`: ready
-            splits instead of its source; `job_data`: a `hf_prune.job.JobData` already loaded for this model.
-
-    Returns:
-        {"result": SensitivityResult, "allocation": sparsity_overrides, "split": name, "files": {kind: path}}.
-    """
-    from torch.utils.data import DataLoader
-    from transformers import default_data_collator
-
-    from .job import JobArguments, JobData
-    from .structure import load_pruned
-
-    if not args.model_name_or_path:
-        raise ValueError("--model_name_or_path is not set: give the fine-tuned classifier to analyse (a folder, e.g. "
-                         "outputs/main/dense from hf-prune train, or a Hub id).")
-    if job_data is None:
-        job_data = JobData(JobArguments(model_name_or_path=args.model_name_or_path), data_args, splits, sources)
-    data = job_data.data
-    split = args.split
-    if split == "auto":
-        split = "validation" if data.get("validation") is not None else "train"
-    if data.get(split) is None:
-        raise ValueError(f"--split {split}: the data has no {split} split (it has {sorted(data)}).")
-    model = load_pruned(args.model_name_or_path).float().eval()
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} loads as {type(model).__name__}, not a "
-                         "sequence classifier: fine-tune one first (hf-prune train writes OUTPUT_DIR/dense).")
-    names = job_data.label_names
-    model_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-    if model_names != names and model_names != [f"LABEL_{i}" for i in range(len(names))]:
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} predicts {model_names} but the data has "
-                         f"the labels {names}: the sensitivity needs the model fine-tuned on this data.")
-    if torch.cuda.is_available():
-        model = model.cuda()
-    loader = DataLoader(data[split].with_format("torch"), batch_size=args.batch_size, shuffle=False,
-                        collate_fn=default_data_collator)
-    result = analyze_sensitivity(model, loader, metric=args.metric, groups=args.groups, levels=args.levels,
-                                 method=args.method, max_batches=args.max_batches, unit_importance=args.importance)
-    source = job_data.classes.sources.get(split, split)
-    result.info.update({"model": args.model_name_or_path, "split": split, "split_source": source,
-                        "data": job_data.description})
-    allocation = allocate_sparsity(result, args.target_sparsity, args.min_sparsity, args.max_sparsity,
-                                   kind=args.allocation_kind)
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    files = {"json": result.to_json(os.path.join(out, "sensitivity.json")),
-             "csv": result.to_csv(os.path.join(out, "sensitivity.csv")),
-             "allocation": atomic_write_text(os.path.join(out, "allocation.json"),
-                                             json.dumps(allocation, indent=2) + "\n")}
-    from .plot import plot_sensitivity
-
-    picture = plot_sensitivity(result.to_dict(), os.path.join(out, "sensitivity.png"))
-    if picture:
-        files["png"] = picture
-    return {"result": result, "allocation": allocation, "split": split, "split_source": source, "files": files}

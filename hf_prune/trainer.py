@@ -19,7 +19,7 @@ from transformers.utils import logging
 from .callbacks import PruningCallback
 from .config import PruningConfig
 from .finalize import model_card_section, pruned_structure, write_model_card_section
-from .masks import sparsity_report
+from .masks import config_sparsity_report
 from .plot import plot_training
 from .pruner import Pruner
 
@@ -137,6 +137,9 @@ class PruningTrainer(Trainer):
             raise ValueError("PruningTrainer adds its own pruning callback; remove the hf_prune callback from `callbacks`.")
         self.pruning_callback = PruningCallback(self.pruning_config, managed_by_trainer=True)
         super().__init__(model=model, args=args, callbacks=callbacks + [self.pruning_callback], **kwargs)
+        # First in the list, as a plain Trainer's callback is after attach(): its on_step_end and on_train_end (masks
+        # updated, structures removed) run before those of other callbacks, which then see the pruned model.
+        self.pruning_callback.attach(self)
         if self.pruning_callback.pruner is None and self.model is not None:
             self.pruning_callback.build(self.model)
         self.teacher_model = self._prepare_teacher(teacher_model)
@@ -177,7 +180,7 @@ class PruningTrainer(Trainer):
             self.pruning_callback.resume_from = get_last_checkpoint(self.args.output_dir)
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.plot_dir is not None and self.is_world_process_zero():
-            report = sparsity_report(self.model, self.pruning_config.targets, self.pruning_config.exclude)
+            report = config_sparsity_report(self.model, self.pruning_config)
             plot_training(self.state.log_history, report, self.plot_dir)
         return result
 
@@ -246,6 +249,6 @@ class PruningTrainer(Trainer):
         # Trainer's card replaces README.md (push_to_hub writes it after save_model): put our section back.
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
-            report = sparsity_report(self.model, self.pruning_config.targets, self.pruning_config.exclude)
+            report = config_sparsity_report(self.model, self.pruning_config)
             section = model_card_section(self.pruning_config, report, pruned_structure(self.model))
             write_model_card_section(self.args.output_dir, section)

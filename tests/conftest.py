@@ -221,6 +221,18 @@ def save_named_classifier(root) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A tiny 3-label BERT classifier (4 heads per layer, FFN 64) with its tokenizer, labels named like the data."""
+    return save_named_classifier(tmp_path_factory.mktemp("tiny_classifier"))
+
+
+def logits(model, batch):
+    """The model's logits on a batch (its labels, if any, left out), without gradients."""
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
 def write_csv(path, rows, header=("text", "label")):
     """A CSV file of `rows` under `header`; returns its path as a string."""
     with open(path, "w", encoding="utf-8", newline="") as handle:

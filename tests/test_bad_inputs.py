@@ -565,5 +565,18 @@ def test_bad_input_fails_early_naming_it_and_what_is_allowed(tmp_path, provoke, 
     assert "weights_only=False" not in message
 
 
-def test_the_catalogue_holds_at_least_45_cases():
-    assert len(CASES) >= 45
+def test_the_catalogue_has_45_distinct_cases():
+    ids = [case.id for case in CASES]
+    assert len(ids) >= 45 and len(set(ids)) == len(ids), [i for i in ids if ids.count(i) > 1]
+
+
+@pytest.mark.parametrize("command", ["train", "optimize", "export", "benchmark", "sensitivity", "oneshot"])
+def test_every_command_refuses_an_unknown_flag_by_name(command, capsys):
+    """Every command parses through HfArgumentParser: a typo fails before any work, naming the flag."""
+    from hf_prune.commands import COMMANDS
+
+    assert command in COMMANDS
+    positional = {"export": ["checkpoint", "out"], "benchmark": ["checkpoint"]}.get(command, [])
+    with pytest.raises(SystemExit) as raised:
+        main([command, *positional, "--max_stepz", "3"])
+    assert raised.value.code == 2 and "--max_stepz" in str(raised.value)

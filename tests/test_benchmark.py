@@ -1,4 +1,4 @@
-"""hf_prune.benchmark without ONNX: FLOP counting, argument checks, and a PyTorch-only run end to end."""
+"""hf_prune.commands.benchmark without ONNX: FLOP counting, argument checks, and a PyTorch-only run end to end."""
 
 import json
 
@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from hf_prune import prune_ffn_neurons, prune_heads
-from hf_prune.benchmark import BenchmarkArguments, encoder_flops, format_markdown, label_ids, run_benchmark
+from hf_prune.commands.benchmark import BenchmarkArguments, format_report, label_ids, run_benchmark
+from hf_prune.flops import encoder_flops
 
 from conftest import save_two_label_checkpoints, tiny_bert, tiny_tokenizer, write_csv
 
@@ -75,7 +76,7 @@ def test_pytorch_only_benchmark_end_to_end_on_a_csv_with_string_labels(two_label
     saved = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     markdown = (tmp_path / "out" / "benchmark.md").read_text()
-    assert format_markdown(results) == markdown and "eval.csv (20 examples scored)" in markdown
+    assert format_report(results) == markdown and "eval.csv (20 examples scored)" in markdown
     assert torch.get_num_threads() == 1  # restored to what the test session set
 
 
@@ -139,7 +140,7 @@ def test_missing_eval_data_raises_and_eval_size_zero_times_synthetic_inputs(two_
     results = run_benchmark(small_args(two_label_checkpoints, tmp_path, eval_size=0))
     assert all("accuracy" not in r for r in results["rows"])
     assert results["settings"]["timing_inputs"] == "synthetic"
-    assert "no accuracy" in format_markdown(results)
+    assert "no accuracy" in format_report(results)
 
 
 def test_checkpoints_with_different_label_counts_are_refused(two_label_checkpoints, tmp_path):

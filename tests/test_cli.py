@@ -14,7 +14,8 @@ import sys
 import pytest
 import yaml
 
-from hf_prune.cli import main, parse_train_args
+from hf_prune.cli import main
+from hf_prune.commands.train import parse_args as parse_train_args
 from hf_prune.config import PruningConfig
 
 from conftest import write_csv

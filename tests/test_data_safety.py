@@ -69,7 +69,7 @@ STEPS = dict(max_steps=12, save_strategy="steps", save_steps=4)
 BASE = dict(target_sparsity=0.5, warmup_fraction=0.0, cooldown_fraction=0.25, pruning_interval=2)
 
 
-def interrupted_run(out, config, stop_at=4, callback=False):
+def interrupted_run(out, config, stop_at=4, callback=False, seed=0):
     """Train with checkpoints every 4 steps and stop after `stop_at`: what a crashed job leaves."""
     from transformers import TrainerCallback
 
@@ -79,7 +79,7 @@ def interrupted_run(out, config, stop_at=4, callback=False):
 
     data = random_classification_data(64)
     if callback:
-        trainer = Trainer(model=tiny_bert(), args=training_args(out, **STEPS), train_dataset=data,
+        trainer = Trainer(model=tiny_bert(seed=seed), args=training_args(out, **STEPS), train_dataset=data,
                           callbacks=[hf_prune.PruningCallback(config), StopAt()])
     else:
         trainer = PruningTrainer(model=tiny_bert(), args=training_args(out, **STEPS), pruning_config=config,
@@ -130,12 +130,41 @@ def test_the_callback_resumes_from_a_checkpoint_outside_output_dir(tmp_path):
     shutil.copytree(tmp_path / "first" / "checkpoint-8", moved)
     shutil.rmtree(tmp_path / "first")
     callback = hf_prune.PruningCallback(config)
-    second = Trainer(model=tiny_bert(), args=training_args(tmp_path / "second", **STEPS),
+    # Trainer does not tell its callbacks the folder given to train(): TrainingArguments.resume_from_checkpoint does.
+    second = Trainer(model=tiny_bert(), args=training_args(tmp_path / "second", resume_from_checkpoint=str(moved),
+                                                           **STEPS),
                      train_dataset=random_classification_data(64), callbacks=[callback])
     second.train(resume_from_checkpoint=str(moved))
     full_pruner = next(c.pruner for c in full.callback_handler.callbacks if isinstance(c, hf_prune.PruningCallback))
     for name, mask in full_pruner.masks.items():
         assert torch.equal(mask, callback.pruner.masks[name]), name  # scores and masks restored, not rebuilt
+
+
+def test_the_callback_restores_the_checkpoint_trainer_resumed_not_a_same_step_one_of_another_run(tmp_path):
+    # output_dir holds checkpoint-8 of another run (another seed, same config); the run resumes from its own
+    # checkpoint-8 elsewhere. The callback is not told that folder by train(), and must not take output_dir's.
+    config = PruningConfig(method="movement", **BASE)
+    full = Trainer(model=tiny_bert(), args=training_args(tmp_path / "full", **STEPS),
+                   train_dataset=random_classification_data(64), callbacks=[hf_prune.PruningCallback(config)])
+    full.train()
+    interrupted_run(tmp_path / "first", config, stop_at=8, callback=True)
+    interrupted_run(tmp_path / "other", config, stop_at=8, callback=True, seed=1)
+    own, others = tmp_path / "first" / "checkpoint-8", tmp_path / "other" / "checkpoint-8"
+    assert (others / hf_prune.pruner.STATE_NAME).is_file()
+
+    untold = Trainer(model=tiny_bert(), args=training_args(tmp_path / "other", **STEPS),
+                     train_dataset=random_classification_data(64), callbacks=[hf_prune.PruningCallback(config)])
+    with pytest.raises(ValueError, match="hold one, but their trainer_state.json is not the state Trainer resumed"):
+        untold.train(resume_from_checkpoint=str(own))
+
+    callback = hf_prune.PruningCallback(config)
+    told = Trainer(model=tiny_bert(), args=training_args(tmp_path / "other", resume_from_checkpoint=str(own), **STEPS),
+                   train_dataset=random_classification_data(64), callbacks=[callback])
+    told.train(resume_from_checkpoint=str(own))
+    assert told.state.global_step == 12
+    full_pruner = next(c.pruner for c in full.callback_handler.callbacks if isinstance(c, hf_prune.PruningCallback))
+    for name, mask in full_pruner.masks.items():
+        assert torch.equal(mask, callback.pruner.masks[name]), name  # the run's own scores, restored
 
 
 def test_resuming_movement_without_its_state_is_refused(tmp_path):
@@ -195,7 +224,7 @@ def test_a_failed_save_leaves_the_previous_one_whole(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     # The weights are written, then the sidecar files: fail in between.
-    monkeypatch.setattr(hf_prune.finalize, "sparsity_report", disk_full)
+    monkeypatch.setattr(hf_prune.finalize, "config_sparsity_report", disk_full)
     with pytest.raises(OSError, match="No space left"):
         trainer.save_model(str(target))
     assert snapshot(target) == before  # the old weights with their own sidecar files, nothing half-new

@@ -223,7 +223,7 @@ def test_bad_options_fail_early_and_name_the_option(kwargs, option, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
+def classifier_pair_dir(tmp_path_factory):
     """A tiny BERT classifier with a small local WordPiece tokenizer, pruned and saved with its tokenizer."""
     root = tmp_path_factory.mktemp("classifiers")
     tokenizer = tiny_tokenizer(root / "vocab")
@@ -239,10 +239,10 @@ def classifier_dir(tmp_path_factory):
     return root
 
 
-def test_create_session_serves_a_pipeline(classifier_dir, tmp_path):
+def test_create_session_serves_a_pipeline(classifier_pair_dir, tmp_path):
     from transformers import AutoTokenizer, pipeline
 
-    export_onnx(str(classifier_dir / "pruned"), tmp_path / "onnx", quantize="dynamic")
+    export_onnx(str(classifier_pair_dir / "pruned"), tmp_path / "onnx", quantize="dynamic")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "onnx")
     served = create_session(tmp_path / "onnx", threads=1)
     assert served.hf_prune_session["variant"] == "int8"
@@ -258,7 +258,7 @@ def test_create_session_serves_a_pipeline(classifier_dir, tmp_path):
     fp32 = create_session(tmp_path / "onnx", "fp32")
     from hf_prune import load_pruned
 
-    reference = load_pruned(str(classifier_dir / "pruned"))
+    reference = load_pruned(str(classifier_pair_dir / "pruned"))
     encoded = tokenizer(["great day", "awful service, never again"], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = reference(**encoded).logits
@@ -267,29 +267,29 @@ def test_create_session_serves_a_pipeline(classifier_dir, tmp_path):
     with pytest.raises(ValueError, match="variant"):
         create_session(tmp_path / "onnx", "fp16")
     with pytest.raises(FileNotFoundError, match="hf_prune_export.json"):
-        create_session(classifier_dir / "pruned")
+        create_session(classifier_pair_dir / "pruned")
 
 
-def test_cli_export(classifier_dir, tmp_path, capsys):
-    assert main(["export", str(classifier_dir / "pruned"), str(tmp_path / "onnx"), "--quantize", "dynamic"]) == 0
+def test_cli_export(classifier_pair_dir, tmp_path, capsys):
+    assert main(["export", str(classifier_pair_dir / "pruned"), str(tmp_path / "onnx"), "--quantize", "dynamic"]) == 0
     out = capsys.readouterr().out
     assert "model_quantized.onnx" in out and "max |ORT - PyTorch|" in out
     report = json.loads((tmp_path / "onnx" / "hf_prune_export.json").read_text())
     assert report["files"]["int8"] == "model_quantized.onnx"
     with pytest.raises(SystemExit):
-        main(["export", str(classifier_dir / "pruned"), str(tmp_path / "x"), "--optimize", "O9"])
+        main(["export", str(classifier_pair_dir / "pruned"), str(tmp_path / "x"), "--optimize", "O9"])
     err = capsys.readouterr().err
     assert "--optimize" in err and "O9" in err and "O2" in err
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_benchmark_writes_json_markdown_and_plot(classifier_dir, tmp_path):
+def test_cli_benchmark_writes_json_markdown_and_plot(classifier_pair_dir, tmp_path):
     out = tmp_path / "bench"
     words = ["good", "bad", "great", "awful", "day", "service", "food", "not", "very", "the"]
     texts = [f"{words[i % 10]} {words[(3 * i) % 10]} {words[(7 * i + 1) % 10]}" for i in range(64)]
     eval_file = write_csv(tmp_path / "eval.csv", [(text, i % 3) for i, text in enumerate(texts)],
                           header=("review", "stars"))
-    argv = ["benchmark", str(classifier_dir / "dense"), str(classifier_dir / "pruned"), "--output_dir", str(out),
+    argv = ["benchmark", str(classifier_pair_dir / "dense"), str(classifier_pair_dir / "pruned"), "--output_dir", str(out),
             "--eval_file", eval_file, "--text_columns", "review", "--label_column", "stars", "--eval_size", "64",
             "--rounds", "1", "--repeats", "2", "--batch_sizes", "1", "4", "--threads", "1"]
     assert main(argv) == 0
@@ -312,8 +312,8 @@ def test_cli_benchmark_writes_json_markdown_and_plot(classifier_dir, tmp_path):
         assert row["accuracy_delta_points"] == pytest.approx((row["accuracy"] - base["accuracy"]) * 100)
         if row["runtime"] == "onnxruntime":
             assert row["size_mb"] == os.path.getsize(row["onnx_file"]) / 1e6
-    assert rows[0]["size_mb"] == (classifier_dir / "dense" / "model.safetensors").stat().st_size / 1e6
-    assert rows[4]["size_mb"] == (classifier_dir / "pruned" / "model.safetensors").stat().st_size / 1e6
+    assert rows[0]["size_mb"] == (classifier_pair_dir / "dense" / "model.safetensors").stat().st_size / 1e6
+    assert rows[4]["size_mb"] == (classifier_pair_dir / "pruned" / "model.safetensors").stat().st_size / 1e6
     # fp32 arms of one checkpoint predict alike, whatever the runtime or graph.
     for first, last in ((0, 3), (4, 7)):
         assert len({(r["accuracy"], r["macro_f1"]) for r in rows[first:last]}) == 1
@@ -322,10 +322,10 @@ def test_cli_benchmark_writes_json_markdown_and_plot(classifier_dir, tmp_path):
 
     from hf_prune.metrics import classification_metrics
 
-    tokenizer = AutoTokenizer.from_pretrained(classifier_dir / "dense")
+    tokenizer = AutoTokenizer.from_pretrained(classifier_pair_dir / "dense")
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
-        dense = AutoModelForSequenceClassification.from_pretrained(classifier_dir / "dense").eval()
+        dense = AutoModelForSequenceClassification.from_pretrained(classifier_pair_dir / "dense").eval()
         predictions = dense(**encoded).logits.argmax(-1).numpy()
     expected = classification_metrics(predictions, [i % 3 for i in range(64)], num_labels=3)
     assert (rows[0]["accuracy"], rows[0]["macro_f1"]) == pytest.approx((expected["accuracy"], expected["macro_f1"]))

@@ -1,4 +1,4 @@
-"""`hf-prune train` on your own model and data (hf_prune.job): tiny BERT saved to a folder, small CSV / JSON Lines
+"""`hf-prune train` on your own model and data (hf_prune.commands.job): tiny BERT saved to a folder, small CSV / JSON Lines
 files, a few steps per arm. Labels, data description and both arms in results.json; TrainingArguments flags passed
 through; every data error raised before a model is loaded; the Hub path through a mocked `datasets.load_dataset`."""
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 import transformers
 
-from hf_prune.cli import main, parse_train_args
-from hf_prune.job import JobData, arm_training_arguments
+from hf_prune.cli import main
+from hf_prune.commands.train import parse_args as parse_train_args
+from hf_prune.commands.job import JobData, arm_training_arguments
 
 from conftest import WORDS, tiny_bert, tiny_tokenizer, write_csv
 
@@ -25,16 +26,6 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_model")
     tokenizer = tiny_tokenizer(root)
     tiny_bert(vocab_size=tokenizer.vocab_size).bert.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    """A tiny 3-label BERT classifier with its tokenizer."""
-    root = tmp_path_factory.mktemp("tiny_classifier")
-    tokenizer = tiny_tokenizer(root)
-    tiny_bert(num_labels=3, vocab_size=tokenizer.vocab_size).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return str(root)
 

@@ -71,6 +71,33 @@ def kernel_dirs(tmp_path_factory) -> list[str]:
     return [str(root)]
 
 
+# What each notebook must print: the lines that show its point, read from the executed notebook's outputs.
+PRINTS = {
+    "01_two_lines": ("of the targeted weights are zero", "reloaded with plain from_pretrained:"),
+    "02_movement_distillation": ("| dense | 0% |", "| movement + distillation |"),
+    "03_structured_pruning": ("after recovery: test accuracy", "heads per layer after reload:"),
+    "04_sensitivity_allocation": ("most sensitive at 90%:", "allocated 70%, after 20 distilled steps:"),
+    "05_onnx_int8_benchmark": (" int8: ", "'variant': 'int8'"),
+    "06_optimize_your_csv": ("heads per layer:", "'file_name'"),
+}
+
+
+def printed(notebook) -> str:
+    """Everything the executed notebook's code cells wrote: streams and displayed text results."""
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                parts.append(output.get("text", ""))
+            elif "data" in output:
+                parts.append(output["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_every_notebook_has_what_it_prints_listed():
+    assert sorted(PRINTS) == [p.stem for p in NOTEBOOKS]
+
+
 def _notebook_params():
     for path in NOTEBOOKS:
         marks = [pytest.mark.onnx] if path.stem in NEEDS_ONNX else []
@@ -107,5 +134,8 @@ def test_notebook_runs(path, kernel_dirs, tmp_path):
             nbclient.util.run_sync(manager.shutdown_kernel)(now=True)
         # The executed copy, outputs and all, for a look after a failure (pytest keeps the last runs' tmp folders).
         nbformat.write(notebook, str(tmp_path / path.name))
+    text = printed(notebook)
+    missing = [fragment for fragment in PRINTS[path.stem] if fragment not in text]
+    assert not missing, f"{path.name} ran but did not print {missing}; it printed:\n{text[-3000:]}"
     shutil.rmtree(scratch)  # passed: the models and exports it wrote (hundreds of MB) are not needed
     print(f"{path.name}: {time.perf_counter() - start:.0f} s")

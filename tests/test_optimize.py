@@ -1,4 +1,4 @@
-"""`hf-prune optimize` (hf_prune.optimize): a tiny fine-tuned BERT classifier and small CSV files, the whole pipeline
+"""`hf-prune optimize` (hf_prune.commands.optimize): a tiny fine-tuned BERT classifier and small CSV files, the whole pipeline
 for real (importance, candidate shapes exported and timed in ONNX Runtime, distilled recovery with the real
 Trainer, save_pruned/load_pruned, Optimum export, create_session, benchmark, report); bad options refused first."""
 
@@ -11,21 +11,16 @@ import pytest
 import torch
 import transformers
 
-from hf_prune.cli import main, parse_optimize_args
+from hf_prune.cli import main
+from hf_prune.commands.optimize import parse_args as parse_optimize_args
 from hf_prune.export import is_onnx_available
-from hf_prune.optimize import OptimizeArguments, validate_optimize
+from hf_prune.commands.optimize import OptimizeArguments, validate_optimize
 
-from conftest import WORDS, save_named_classifier, tiny_bert, tiny_tokenizer, write_csv
+from conftest import WORDS, tiny_bert, tiny_tokenizer, write_csv
 
 def needs_onnx(test):
     """Marked `onnx` (deselected on the leg without the extra) and skipped where it is not installed."""
     return pytest.mark.onnx(pytest.mark.skipif(not is_onnx_available(), reason="needs the onnx extra")(test))
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    """A tiny 3-label BERT classifier (4 heads per layer, FFN 64) with its tokenizer, labels named like the data."""
-    return save_named_classifier(tmp_path_factory.mktemp("tiny_classifier"))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +163,7 @@ def test_accuracy_budget_bisects_with_recoveries(classifier_dir, data_files, tmp
 
 @needs_onnx
 def test_a_failed_run_keeps_the_previous_model(classifier_dir, data_files, tmp_path, monkeypatch):
-    import hf_prune.optimize as optimize
+    import hf_prune.commands.optimize as optimize
 
     out = tmp_path / "out"
     (out / "model").mkdir(parents=True)

@@ -321,9 +321,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def job_logger_restored():
-    """`hf-prune train` attaches a stderr handler to the `hf_prune.job` logger once per process, bound to the stderr
+    """`hf-prune train` attaches a stderr handler to the `hf_prune.commands.job` logger once per process, bound to the stderr
     of that moment: put the logger back so a later test capturing stderr gets its own handler."""
-    job_logger = logging.getLogger("hf_prune.job")
+    job_logger = logging.getLogger("hf_prune.commands.job")
     handlers, level = list(job_logger.handlers), job_logger.level
     yield
     job_logger.handlers[:] = handlers

@@ -181,8 +181,9 @@ def test_packaged_tokenizer_gives_max_length_input_ids():
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "hf_prune"
 
 
-def _recipes_imports(source: str, module: str, is_package: bool = False, top_level_only: bool = False) -> list[str]:
-    """`import` statements (and importlib strings) of `module`'s source that reach hf_prune.recipes."""
+def _imports(source: str, module: str, packages: tuple[str, ...], is_package: bool = False,
+             top_level_only: bool = False) -> list[str]:
+    """`import` statements (and importlib strings) of `module`'s source that reach any of `packages`."""
     tree = ast.parse(source)
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     package = module if is_package else module.rsplit(".", 1)[0]
@@ -200,40 +201,74 @@ def _recipes_imports(source: str, module: str, is_package: bool = False, top_lev
             targets = [node.value]  # importlib.import_module("hf_prune.recipes...")
         else:
             continue
-        hits = [t for t in targets if t == "hf_prune.recipes" or t.startswith("hf_prune.recipes.")]
+        hits = [t for t in targets if any(t == p or t.startswith(p + ".") for p in packages)]
         if hits:
             found.append(f"{module}:{getattr(node, 'lineno', '?')} {hits[0]}")
     return found
 
 
-def _core_modules():
+def _recipes_imports(source: str, module: str, is_package: bool = False, top_level_only: bool = False) -> list[str]:
+    return _imports(source, module, ("hf_prune.recipes",), is_package, top_level_only)
+
+
+# The commands (and the dispatcher) are built on the library; the library never reaches them.
+COMMAND_PACKAGES = ("hf_prune.commands", "hf_prune.cli")
+
+
+def _modules():
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         relative = path.relative_to(PACKAGE_DIR.parent)
-        if relative.parts[1] == "recipes":
-            continue
         parts = relative.with_suffix("").parts
         is_package = parts[-1] == "__init__"
         yield path, ".".join(parts[:-1] if is_package else parts), is_package
+
+
+def _is_command(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in COMMAND_PACKAGES)
+
+
+def _core_modules():
+    """The library: every module but the recipes, the commands and the dispatcher."""
+    for path, module, is_package in _modules():
+        if not (module.startswith("hf_prune.recipes") or _is_command(module)):
+            yield path, module, is_package
 
 
 def test_the_check_catches_every_form_of_import():
     for source in ("from .recipes import packaged", "from . import recipes", "from .recipes.job import run_job",
                    "import hf_prune.recipes.packaged", "from hf_prune.recipes import job",
                    "def f():\n    from ..recipes import packaged", "importlib.import_module('hf_prune.recipes.job')"):
-        module = "hf_prune.methods.magnitude" if ".." in source else "hf_prune.benchmark"
+        module = "hf_prune.methods.magnitude" if ".." in source else "hf_prune.latency"
         assert _recipes_imports(source, module), source
     assert _recipes_imports("from ..recipes import job", "hf_prune.methods", is_package=True)
     assert not _recipes_imports("from .recipes import job", "hf_prune.methods", is_package=True)  # methods.recipes
-    assert not _recipes_imports("from .masks import sparsity_report\nimport datasets", "hf_prune.benchmark")
+    assert not _recipes_imports("from .masks import sparsity_report\nimport datasets", "hf_prune.latency")
     assert not _recipes_imports("def f():\n    from .recipes import job", "hf_prune.cli", top_level_only=True)
+    assert _imports("from .commands.job import JobData", "hf_prune.latency", COMMAND_PACKAGES)
+    assert _imports("from ..cli import main", "hf_prune.units.base", COMMAND_PACKAGES)
+    assert not _imports("from ..config import PruningConfig", "hf_prune.commands.job", COMMAND_PACKAGES)
 
 
 def test_core_never_imports_the_recipes():
-    """The library works for any model and data: only cli.py (lazily, for its defaults) may use hf_prune.recipes."""
+    """The library works for any model and data: only the commands (for their defaults when no model or data is
+    given), the benchmark scripts and the tests use hf_prune.recipes."""
     modules = list(_core_modules())
-    assert {"hf_prune.benchmark", "hf_prune.cli", "hf_prune"} <= {name for _, name, _ in modules}
+    assert {"hf_prune.latency", "hf_prune.export", "hf_prune"} <= {name for _, name, _ in modules}
     offending = []
     for path, module, is_package in modules:
-        lazy_allowed = module == "hf_prune.cli"
-        offending += _recipes_imports(path.read_text(encoding="utf-8"), module, is_package, top_level_only=lazy_allowed)
+        offending += _recipes_imports(path.read_text(encoding="utf-8"), module, is_package)
     assert not offending, f"the core imports hf_prune.recipes: {offending}"
+
+
+def test_the_library_never_imports_a_command():
+    """Data flows one way: commands (hf_prune.commands, hf_prune.cli) use the library, never the reverse; the
+    recipes are library-side too."""
+    library = [entry for entry in _modules() if not _is_command(entry[1])]
+    assert {"hf_prune.latency", "hf_prune.owl", "hf_prune.recipes.packaged_lm"} <= {m for _, m, _ in library}
+    offending = []
+    for path, module, is_package in library:
+        offending += _imports(path.read_text(encoding="utf-8"), module, COMMAND_PACKAGES, is_package)
+    assert not offending, f"library modules import commands: {offending}"
+    commands = {m for _, m, _ in _modules() if _is_command(m)}
+    assert {"hf_prune.cli", "hf_prune.commands.train", "hf_prune.commands.optimize", "hf_prune.commands.export",
+            "hf_prune.commands.benchmark", "hf_prune.commands.sensitivity", "hf_prune.commands.oneshot"} <= commands

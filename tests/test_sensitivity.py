@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from hf_prune import PruningConfig, Pruner, SensitivityResult, analyze_sensitivity, plan_sparsities
-from hf_prune.cli import main, parse_train_args
-from hf_prune.sensitivity import GROUP_KINDS, SensitivityArguments, sensitivity_groups
+from hf_prune.cli import main
+from hf_prune.commands.train import parse_args as parse_train_args
+from hf_prune.commands.sensitivity import SensitivityArguments
+from hf_prune.sensitivity import GROUP_KINDS, sensitivity_groups
 
-from conftest import WORDS, build_model, make_batches, save_named_classifier, write_csv
+from conftest import WORDS, build_model, make_batches, write_csv
 
 
 def snapshot(model):
@@ -218,11 +220,6 @@ def test_json_round_trip_and_csv(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    return save_named_classifier(tmp_path_factory.mktemp("sensitivity_classifier"))
-
-
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sensitivity_data")

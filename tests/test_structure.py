@@ -20,6 +20,7 @@ from conftest import (
     build_model,
     down_projection,
     layers_of,
+    logits,
     make_batches,
     output_projection,
     spread_weights,
@@ -62,11 +63,6 @@ def masked_reference(model, arch, heads=None, neurons=None):
         for layer_idx, indices in (neurons or {}).items():
             down_projection(layers[layer_idx], arch)[:, list(indices)] = 0
     return reference
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def n_params(model) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import ARCHS, HEADS, build_deep_model, layers_of, make_batches
+from conftest import ARCHS, HEADS, build_deep_model, layers_of, logits, make_batches
 
 from hf_prune import (
     load_pruned,
@@ -22,18 +22,13 @@ from hf_prune import (
     structure_summary,
     zero_hidden_channels,
 )
-from hf_prune.benchmark import encoder_flops
+from hf_prune.flops import encoder_flops
 from hf_prune.structure import CONFIG_ATTR, original_layer_indices
 
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 def skipped_reference(model, arch, skip):
     """A copy whose layers `skip` return their input unchanged (the blocks are skipped, nothing else changes)."""
     reference = copy.deepcopy(model)

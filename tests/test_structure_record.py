@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import build_model, make_batches
+from conftest import build_model, logits, make_batches
 
 from hf_prune import PruningConfig, load_pruned, prune_ffn_neurons, prune_heads
 from hf_prune.structure import CONFIG_ATTR, STRUCTURE_NAME, structure_summary
@@ -20,12 +20,6 @@ CASES = {
     # Llama with grouped-query attention (2 query heads per key/value head): whole groups go.
     "llama": ({0: [2, 3], 1: [0, 1, 4, 5]}, {0: [3, 7], 1: [0]}),
 }
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        batch = {k: v for k, v in batch.items() if k != "labels"}
-        return model(**batch).logits
 
 
 @pytest.mark.parametrize("arch", sorted(CASES))

@@ -11,7 +11,7 @@ import torch
 import transformers
 from torch import nn
 
-from conftest import ARCHS, HEADS, HIDDEN, build_model, layers_of, make_batches
+from conftest import ARCHS, HEADS, HIDDEN, build_model, layers_of, logits, make_batches
 
 from hf_prune import (
     load_pruned,
@@ -22,7 +22,7 @@ from hf_prune import (
     structure_summary,
     zero_hidden_channels,
 )
-from hf_prune.benchmark import encoder_flops
+from hf_prune.flops import encoder_flops
 from hf_prune.structure import CONFIG_ATTR, STRUCTURE_NAME, ExactLayerNorm, ExactRMSNorm
 
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
@@ -42,11 +42,6 @@ ADAPTERS = {"bert": {"bert.pooler.dense.weight"}, "roberta": {"classifier.dense.
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 def writers(model, arch):
     """The attention-output and FFN-down projections of every layer (what writes the residual stream)."""
     for layer in layers_of(model, arch):

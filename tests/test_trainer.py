@@ -114,17 +114,57 @@ def test_callback_logs_sparsity_before_reporting_callbacks(tmp_path, classificat
             self.seen.append(dict(logs))
 
     reporter = Reporter()
+    callback = MagnitudePruningCallback(PruningConfig(**CONFIG))
     trainer = Trainer(
         model=tiny_bert(),
         args=training_args(tmp_path),
         train_dataset=classification_data,
-        callbacks=[reporter, MagnitudePruningCallback(PruningConfig(**CONFIG))],
+        callbacks=[reporter, callback],
     )
+    # Trainer gives a callback no handle on its callback list, so the trainer is handed over to put the callback first.
+    assert callback.attach(trainer) is trainer and trainer.callback_handler.callbacks[0] is callback
     trainer.train()
     training_logs = [logs for logs in reporter.seen if "loss" in logs]
     assert len(training_logs) == 20 and all("sparsity" in logs for logs in training_logs)
     assert training_logs[-1]["sparsity"] == pytest.approx(0.75, abs=1e-3)
     assert all("sparsity" in h for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_callback_behind_reporters_says_how_to_put_it_first(tmp_path, classification_data, caplog):
+    import logging
+
+    def train(attach):
+        callback = MagnitudePruningCallback(PruningConfig(**CONFIG))
+        trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=2),
+                          train_dataset=classification_data, callbacks=[callback])
+        trainer.args.report_to = ["tensorboard"]  # as report_to="tensorboard" sets it, without needing tensorboard
+        if attach:
+            callback.attach(trainer)
+        with caplog.at_level(logging.WARNING):
+            trainer.train()
+
+    train(attach=False)
+    assert caplog.text.count("runs after the reporting callbacks ['tensorboard']") == 1
+    assert "attach(trainer)" in caplog.text
+    caplog.clear()
+    train(attach=True)
+    assert "reporting callbacks" not in caplog.text
+
+
+def test_pruning_trainer_puts_its_callback_first(tmp_path, classification_data):
+    trainer = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path), pruning_config=PruningConfig(**CONFIG),
+                             train_dataset=classification_data, callbacks=[TrainerCallback()])
+    assert trainer.callback_handler.callbacks[0] is trainer.pruning_callback
+    with pytest.raises(ValueError, match="adds its own pruning callback"):
+        MagnitudePruningCallback().attach(trainer)
+
+
+def test_attach_adds_a_callback_the_trainer_was_not_given(tmp_path, classification_data):
+    plain = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=classification_data)
+    callback = MagnitudePruningCallback(PruningConfig(**CONFIG))
+    callback.attach(plain)
+    assert plain.callback_handler.callbacks[0] is callback and callback.pruner.model is plain.model  # built, as at init
+    assert sum(c is callback for c in plain.callback_handler.callbacks) == 1
 
 
 @pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement"])
@@ -167,10 +207,11 @@ def test_resume_from_checkpoint_ends_with_the_same_masks(tmp_path, classificatio
 def test_callback_resumes_from_output_dir_checkpoint(tmp_path, classification_data):
     config = PruningConfig(method="movement", **CONFIG)
     args = dict(save_strategy="steps", save_steps=10)
+    full_callback = MovementPruningCallback(config)
     full = Trainer(model=tiny_bert(), args=training_args(tmp_path / "full", **args),
-                   train_dataset=classification_data, callbacks=[MovementPruningCallback(config)])
+                   train_dataset=classification_data, callbacks=[full_callback])
     full.train()
-    full_masks = masks_of(full.callback_handler.callbacks[0].pruner)
+    full_masks = masks_of(full_callback.pruner)
 
     out = tmp_path / "resumed"
     first = Trainer(model=tiny_bert(), args=training_args(out, **args), train_dataset=classification_data,

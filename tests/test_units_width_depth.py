@@ -10,11 +10,16 @@ import torch
 from conftest import ARCHS, HIDDEN, build_deep_model, build_model, layers_of, make_batches
 
 from hf_prune import (
+    ChannelCriterion,
+    LayerCriterion,
+    available_channel_criteria,
     compute_channel_importance,
     compute_layer_importance,
     load_pruned,
     prune_hidden,
     prune_layers,
+    register_channel_criterion,
+    register_layer_criterion,
     save_pruned,
     select_channels_to_prune,
     select_layers_to_prune,
@@ -22,6 +27,7 @@ from hf_prune import (
     zero_hidden_channels,
 )
 from hf_prune.structure import hidden_channel_parameters
+from hf_prune.units import unregister_channel_criterion, unregister_layer_criterion
 from hf_prune.units.base import model_loss
 
 # Six channels: Llama's 48 -> 42 stays a multiple of its 6 heads, which Transformers 5's LlamaConfig requires.
@@ -119,6 +125,48 @@ def test_unknown_channel_method_raises():
         compute_channel_importance(build_model("bert"), make_batches("bert"), method="magnitude")
 
 
+def test_a_registered_channel_criterion_is_used_by_name():
+    """A decorator-registered criterion runs through `compute_channel_importance` in the ORIGINAL numbering."""
+    seen = []
+
+    @register_channel_criterion("last_channels_first")
+    class LastChannelsFirst(ChannelCriterion):
+        """Scores kept channel i as i + 1 (a ranking no data-driven criterion gives) and counts the batches."""
+
+        def score(self, model, batches, width):
+            seen.append((model.training, sum(1 for _ in batches)))
+            return torch.arange(1, width + 1, dtype=torch.float32)
+
+    try:
+        assert LastChannelsFirst.name == "last_channels_first" and "last_channels_first" in available_channel_criteria()
+        model = build_model("bert")
+        prune_hidden(model, [0, 5])
+        scores = compute_channel_importance(model, make_batches("bert"), method="last_channels_first", progress=False)
+        kept = [c for c in range(HIDDEN["bert"]) if c not in (0, 5)]
+        assert scores[[0, 5]].tolist() == [0.0, 0.0]
+        torch.testing.assert_close(scores[kept], torch.arange(1, len(kept) + 1, dtype=torch.float32))
+        assert seen == [(False, len(make_batches("bert")))]  # eval mode, every batch
+        with pytest.raises(ValueError, match=r"compute_channel_importance: method='nope' is invalid.*"
+                                             r"'activation', 'taylor', 'last_channels_first'.*register_channel_criterion"):
+            compute_channel_importance(model, make_batches("bert"), method="nope", progress=False)
+    finally:
+        unregister_channel_criterion("last_channels_first")
+    assert available_channel_criteria() == ("activation", "taylor")
+
+
+def test_a_channel_criterion_with_the_wrong_shape_is_named():
+    class TooShort(ChannelCriterion):
+        def score(self, model, batches, width):
+            return torch.ones(width - 1)
+
+    register_channel_criterion("too_short", TooShort)
+    try:
+        with pytest.raises(TypeError, match=r"TooShort.score returned \(31,\).*shape \(32,\)"):
+            compute_channel_importance(build_model("bert"), make_batches("bert"), method="too_short", progress=False)
+    finally:
+        unregister_channel_criterion("too_short")
+
+
 # ------------------------------------------------------------------------------------------------ layers
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_block_influence(arch):
@@ -155,6 +203,32 @@ def test_loss_importance_is_the_loss_change_of_removing_the_layer(arch):
             assert scores[layer].item() == pytest.approx(float(model_loss(removed, batch)) - base, abs=1e-5)
     if arch == "gpt2":
         assert scores[1] == 0
+
+
+def test_a_registered_layer_criterion_is_used_by_name():
+    class FirstLayersFirst(LayerCriterion):
+        """Scores present layer i as -i, whatever the data."""
+
+        def score(self, model, layers, batches):
+            for _ in batches:
+                pass
+            return -torch.arange(len(layers), dtype=torch.float32)
+
+    assert register_layer_criterion("first_layers_first", FirstLayersFirst) is FirstLayersFirst  # the call form
+    try:
+        model = build_deep_model("llama", num_layers=4)
+        prune_layers(model, [1])
+        scores = compute_layer_importance(model, make_batches("llama"), method="first_layers_first", progress=False)
+        assert scores.tolist() == [0.0, 0.0, -1.0, -2.0]  # layer 1 removed: 0; layers 0, 2, 3 are present 0, 1, 2
+        assert select_layers_to_prune(scores, 2, model=model) == [1, 3]
+    finally:
+        unregister_layer_criterion("first_layers_first")
+
+
+def test_unknown_layer_method_raises():
+    with pytest.raises(ValueError, match=r"compute_layer_importance: method='cosine' is invalid.*"
+                                         r"'block_influence', 'loss'.*register_layer_criterion"):
+        compute_layer_importance(build_deep_model("llama", num_layers=2), make_batches("llama"), method="cosine")
 
 
 # ------------------------------------------------------------------------------------------------ selection

@@ -5,6 +5,8 @@ gradients read after every backward pass (movement), learnable scores that the o
 (soft movement). `Pruner` owns everything else (schedule, patterns, masks, exact top-k, checkpoints), so a new
 criterion is one small class in one file plus one `register_method` line, and it then works in `PruningTrainer`,
 in the plain callbacks and from `PruningConfig(method=...)` with no other change (the way peft registers its tuners).
+Criteria that score whole structures (heads, neurons, hidden channels, layers) are the other protocol, in
+`hf_prune.units.base`, whose docstring says why there are two.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ..registry import Registry
 
 if TYPE_CHECKING:  # config imports this module to validate `method`; the reverse import is for type hints only
     from ..config import PruningConfig
@@ -122,54 +126,32 @@ def input_observer(method: PruningMethod, name: str, training_only: bool = False
     return hook
 
 
-_REGISTRY: dict[str, type[PruningMethod]] = {}
+METHODS: Registry[type[PruningMethod]] = Registry(PruningMethod, "method", "methods", "register_method")
 
 
 def register_method(name: str, cls: Optional[type] = None, *, overwrite: bool = False):
     """Register a `PruningMethod` subclass under `name`, so `PruningConfig(method=name)` selects it.
 
     Works as a call, `register_method("taylor", TaylorMethod)`, or as a class decorator, `@register_method("taylor")`.
-    Re-registering a name raises unless `overwrite=True`. Returns the class.
+    Re-registering a name raises unless `overwrite=True`. Returns the class (the decorator without `cls`).
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"register_method: name={name!r} is invalid: give a non-empty string.")
-
-    def add(method_cls: type) -> type:
-        if not (isinstance(method_cls, type) and issubclass(method_cls, PruningMethod)):
-            raise TypeError(
-                f"register_method({name!r}, ...) takes a subclass of hf_prune.PruningMethod, got {method_cls!r}."
-            )
-        if name in _REGISTRY and _REGISTRY[name] is not method_cls and not overwrite:
-            raise ValueError(
-                f"register_method: a method named {name!r} is already registered ({_REGISTRY[name].__name__}); pass "
-                "overwrite=True to replace it."
-            )
-        method_cls.name = name
-        _REGISTRY[name] = method_cls
-        return method_cls
-
-    return add if cls is None else add(cls)
+    return METHODS.register(name, cls, overwrite=overwrite)
 
 
 def unregister_method(name: str) -> None:
     """Remove a registered method (for tests and plugins that register temporarily)."""
-    _REGISTRY.pop(name, None)
+    METHODS.unregister(name)
 
 
 def available_methods() -> tuple[str, ...]:
     """Names of the registered pruning methods, in registration order."""
-    return tuple(_REGISTRY)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[PruningMethod]:
-    """The class registered under `name`; ValueError naming the registered ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):  # TypeError: an unhashable name (a list from a YAML file)
-        raise ValueError(
-            f"PruningConfig.method={name!r} is invalid: choose one of the registered methods "
-            f"{list(available_methods())} or register one with hf_prune.register_method."
-        ) from None
+    """The class registered under `name`; ValueError naming the registered ones otherwise. To resolve a config's
+    method, call `PruningConfig.method_class()`."""
+    return METHODS.get(name, "PruningConfig.method")
 
 
 def same_dtype(*lists: list[torch.Tensor]) -> bool:

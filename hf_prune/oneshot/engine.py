@@ -20,8 +20,15 @@ from transformers.utils import logging
 
 from ..config import PruningConfig
 from ..linear import matrix_view, stored_layout
-from ..masks import check_pattern_fits, expand_units, find_target_modules, select_lowest, sparsity_report, unit_scores
-from ..methods import PruningMethod, get_method
+from ..masks import (
+    check_pattern_fits,
+    config_sparsity_report,
+    expand_units,
+    find_target_modules,
+    select_lowest,
+    unit_scores,
+)
+from ..methods import PruningMethod, available_methods, get_method
 from ..methods.base import input_observer
 from .blocks import decoder_blocks, first_block_inputs, hidden_states_of, with_hidden_states
 
@@ -45,6 +52,17 @@ class OneShotResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def oneshot_methods() -> list[str]:
+    """The registered pruning methods one-shot pruning can run: those that score weights without training and
+    make new zeros (so not `constant`, nor the gradient-based movement methods)."""
+    usable = []
+    for name in available_methods():
+        method = get_method(name)
+        if not (method.fixed_masks or method.requires_trainer or method.needs_gradients):
+            usable.append(name)
+    return usable
 
 
 def oneshot(
@@ -82,16 +100,12 @@ def oneshot(
         `OneShotResult`; `sparsity_report` of the pruned model in `.report`.
     """
     config = _resolve_config(method, sparsity, pattern, targets, exclude, config)
-    method_cls = get_method(config.method)
-    if method_cls.fixed_masks:
-        raise ValueError(f"hf_prune.oneshot: method={config.method!r} keeps existing zeros and prunes nothing; choose "
-                         "'wanda', 'sparsegpt' or 'magnitude'.")
-    if method_cls.requires_trainer or method_cls.needs_gradients:
-        raise ValueError(
-            f"hf_prune.oneshot: method={config.method!r} scores weights from training (gradients or learned scores); "
-            "one-shot pruning has none. Choose 'wanda', 'sparsegpt' or 'magnitude', or prune it while fine-tuning "
-            "with PruningTrainer."
-        )
+    method_cls = config.method_class()
+    if config.method not in oneshot_methods():
+        why = ("keeps existing zeros and prunes nothing" if method_cls.fixed_masks else
+               "scores weights from training (gradients or learned scores), which one-shot pruning has none of; prune "
+               "with it while fine-tuning (PruningTrainer)")
+        raise ValueError(f"hf_prune.oneshot: method={config.method!r} {why}. Choose one of {oneshot_methods()}.")
     targeted = find_target_modules(model, config.targets, config.exclude)
     if not targeted:
         raise ValueError(f"hf_prune.oneshot: targets={config.targets} (exclude={config.exclude}) match no Linear "
@@ -128,7 +142,7 @@ def oneshot(
             tensor.data = tensor.data.to(home)
         model.train(was_training)
     seconds = time.perf_counter() - start
-    report = sparsity_report(model, config.targets, config.exclude)
+    report = config_sparsity_report(model, config)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     result = OneShotResult(
         method=config.method,

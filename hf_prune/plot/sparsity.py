@@ -8,12 +8,13 @@ from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
+from ..config import BLOCK_NAMES
 from ..masks import sparsity_report
 from ..structure.spec import registered_layouts
 from .canvas import clamp, draw_heatmap, new_figure, save_figure
 
 # The transformer block a module lives in, and its path inside the block (the naming `DEFAULT_TARGETS` matches).
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.(.+)$")
+LAYER_PATTERN = re.compile(rf"(?:^|\.){BLOCK_NAMES}\.(?P<index>\d+)\.(?P<rest>.+)$")
 MODULE_TYPES = ("query", "key", "value", "qkv", "attention output", "FFN in", "FFN out")
 
 ReportOrModel = Union[Mapping[str, Any], nn.Module]
@@ -51,8 +52,8 @@ def layer_counts(report: Mapping[str, Any]) -> dict[int, dict[str, list[int]]]:
         match = LAYER_PATTERN.search(name)
         if match is None or not entry.get("params"):
             continue
-        kind = table.get(match.group(2), match.group(2))
-        cell = counts.setdefault(int(match.group(1)), {}).setdefault(kind, [0, 0])
+        kind = table.get(match.group("rest"), match.group("rest"))
+        cell = counts.setdefault(int(match.group("index")), {}).setdefault(kind, [0, 0])
         cell[0] += int(entry["zeros"])
         cell[1] += int(entry["params"])
     if not counts:

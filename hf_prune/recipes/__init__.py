@@ -6,5 +6,6 @@ directly:
 
 - :mod:`hf_prune.recipes.packaged`: the packaged all-MiniLM-L6-v2 and tweet sentiment CSV, with one fixed split.
 
-The dense-vs-pruned job itself is in the core, :mod:`hf_prune.job`, and works on any model and data.
+The dense-vs-pruned job itself is the `hf-prune train` command, :mod:`hf_prune.commands.job`, and works on any model
+and data.
 """

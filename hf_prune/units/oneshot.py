@@ -27,7 +27,8 @@ def compute_head_importance(
         dataloader: an iterable of Trainer-style batches (dicts with `input_ids`, `attention_mask`, `labels`);
             without `labels`, the language-modelling loss on `input_ids` is used.
         normalize_layers: divide each layer's scores by their L2 norm (Michel et al.).
-        method: "gradient" (expected |dL/d gate|) or "activation" (mean norm of each head's output).
+        method: "gradient" (expected |dL/d gate|), "activation" (mean norm of each head's output), "taylor" (|sum of
+            W * dL/dW| over the head's columns), or a name registered with `register_unit_criterion`.
         max_batches: stop after this many batches.
         progress: show a tqdm progress bar.
 
@@ -37,7 +38,8 @@ def compute_head_importance(
         left as they were.
     """
     slots = head_slots(model)
-    rows = score_units(model, dataloader, slots, get_unit_criterion(method), max_batches, "head importance", progress)
+    criterion = get_unit_criterion(method, "compute_head_importance: method")
+    rows = score_units(model, dataloader, slots, criterion, max_batches, "head importance", progress)
     width = max(slot.total for slot in slots)
     scores = torch.zeros(len(slots), width, dtype=torch.float32)
     for slot, row in zip(slots, rows):
@@ -59,7 +61,8 @@ def compute_neuron_importance(
     in the ORIGINAL neuron numbering; removed neurons score 0.
     """
     slots = neuron_slots(model)
-    rows = score_units(model, dataloader, slots, get_unit_criterion(method), max_batches, "neuron importance", progress)
+    criterion = get_unit_criterion(method, "compute_neuron_importance: method")
+    rows = score_units(model, dataloader, slots, criterion, max_batches, "neuron importance", progress)
     result = {}
     for slot, row in zip(slots, rows):
         row = row.cpu()

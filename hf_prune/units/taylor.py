@@ -14,7 +14,7 @@ from torch import nn
 
 from ..linear import matrix_view
 from ..structure import UnitSlot
-from .base import UnitCriterion, model_loss, register_unit_criterion
+from .base import UnitCriterion, loss_gradients, register_unit_criterion
 
 
 def taylor_unit_scores(slot: UnitSlot, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -28,14 +28,7 @@ class TaylorCriterion(UnitCriterion):
 
     def run_batch(self, model: nn.Module, batch: dict[str, Any], live: list[UnitSlot], state: dict, totals) -> None:
         leaves = list({id(slot.leaf): slot.leaf for slot in live}.values())  # fused experts share one tensor
-        for leaf in leaves:
-            leaf.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                grads = torch.autograd.grad(model_loss(model, batch), leaves, allow_unused=True)
-        finally:
-            for leaf in leaves:
-                leaf.requires_grad_(False)
+        grads = loss_gradients(model, batch, leaves)
         grad_of = {id(leaf): grad for leaf, grad in zip(leaves, grads)}
         for slot in live:
             grad = grad_of[id(slot.leaf)]

@@ -11,15 +11,22 @@ channel; one backward pass per batch.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..structure import hidden_channel_parameters, hidden_norms, structure_summary
-from .base import model_loss, scoring_batches, scoring_mode, token_mask
-
-CHANNEL_METHODS = ("activation", "taylor")
+from .base import (
+    ChannelCriterion,
+    check_scores,
+    get_channel_criterion,
+    loss_gradients,
+    register_channel_criterion,
+    scoring_batches,
+    scoring_mode,
+    token_mask,
+)
 
 
 def _kept_channels(model: nn.Module) -> tuple[list[int], int]:
@@ -29,66 +36,69 @@ def _kept_channels(model: nn.Module) -> tuple[list[int], int]:
     return [c for c in range(original) if c not in pruned], original
 
 
-def _activation_scores(model: nn.Module, batches: Iterable[dict[str, Any]], width: int) -> tuple[torch.Tensor, int]:
-    device = next(model.parameters()).device
-    total = torch.zeros(width, dtype=torch.float32, device=device)
-    state: dict[str, Any] = {}
+@register_channel_criterion("activation")
+class ActivationChannels(ChannelCriterion):
+    """Minitron: mean |LayerNorm output| per channel, summed over the residual-stream norms; forward passes only."""
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        y = (output[0] if isinstance(output, tuple) else output).detach().float().abs()
-        mask = token_mask(state["batch"], y.shape[:2]) if y.dim() == 3 else None
-        if mask is not None:
-            per_channel = (y * mask[..., None]).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
-        else:
-            per_channel = y.reshape(-1, y.shape[-1]).mean(dim=0)
-        state["sums"] += per_channel
+    def score(self, model: nn.Module, batches: Iterable[dict[str, Any]], width: int) -> torch.Tensor:
+        device = next(model.parameters()).device
+        total = torch.zeros(width, dtype=torch.float32, device=device)
+        state: dict[str, Any] = {}
 
-    handles = [module.register_forward_hook(hook) for _, module in hidden_norms(model)]
-    count = 0
-    try:
-        for batch in batches:
-            state["batch"] = batch
-            state["sums"] = torch.zeros(width, dtype=torch.float32, device=device)
-            with torch.no_grad():
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-            total += state["sums"]
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total, count
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            y = (output[0] if isinstance(output, tuple) else output).detach().float().abs()
+            mask = token_mask(state["batch"], y.shape[:2]) if y.dim() == 3 else None
+            if mask is not None:
+                per_channel = (y * mask[..., None]).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
+            else:
+                per_channel = y.reshape(-1, y.shape[-1]).mean(dim=0)
+            state["sums"] += per_channel
 
-
-def _taylor_scores(model: nn.Module, batches: Iterable[dict[str, Any]], width: int) -> tuple[torch.Tensor, int]:
-    params = hidden_channel_parameters(model)
-    device = next(model.parameters()).device
-    total = torch.zeros(width, dtype=torch.float32, device=device)
-    count = 0
-    for batch in batches:
-        tensors = [param for _, param, _ in params]
-        for tensor in tensors:
-            tensor.requires_grad_(True)
+        handles = [module.register_forward_hook(hook) for _, module in hidden_norms(model)]
+        count = 0
         try:
-            with torch.enable_grad():
-                grads = torch.autograd.grad(model_loss(model, batch), tensors, allow_unused=True)
+            for batch in batches:
+                state["batch"] = batch
+                state["sums"] = torch.zeros(width, dtype=torch.float32, device=device)
+                with torch.no_grad():
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                total += state["sums"]
+                count += 1
         finally:
-            for tensor in tensors:
-                tensor.requires_grad_(False)
-        gate_grad = torch.zeros(width, dtype=torch.float32, device=device)
-        for (_, param, dim), grad in zip(params, grads):
-            if grad is None:
-                continue
-            product = (param.detach().float() * grad.float()).movedim(dim, 0)
-            gate_grad += product.reshape(width, -1).sum(dim=1)
-        total += gate_grad.abs()
-        count += 1
-    return total, count
+            for handle in handles:
+                handle.remove()
+        return total / max(count, 1)
+
+
+@register_channel_criterion("taylor")
+class TaylorChannels(ChannelCriterion):
+    """|d loss / d channel gate|: |sum of param * grad| over every parameter slice that writes the channel; one
+    backward pass per batch."""
+
+    needs_loss = True
+
+    def score(self, model: nn.Module, batches: Iterable[dict[str, Any]], width: int) -> torch.Tensor:
+        params = hidden_channel_parameters(model)
+        device = next(model.parameters()).device
+        total = torch.zeros(width, dtype=torch.float32, device=device)
+        count = 0
+        for batch in batches:
+            grads = loss_gradients(model, batch, [param for _, param, _ in params])
+            gate_grad = torch.zeros(width, dtype=torch.float32, device=device)
+            for (_, param, dim), grad in zip(params, grads):
+                if grad is None:
+                    continue
+                product = (param.detach().float() * grad.float()).movedim(dim, 0)
+                gate_grad += product.reshape(width, -1).sum(dim=1)
+            total += gate_grad.abs()
+            count += 1
+        return total / max(count, 1)
 
 
 def compute_channel_importance(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
-    method: Literal["activation", "taylor"] = "activation",
+    method: str = "activation",
     max_batches: Optional[int] = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -98,8 +108,9 @@ def compute_channel_importance(
         model: a model `prune_hidden` supports (BERT, RoBERTa, DistilBERT, GPT-2, Llama-style), pruned or not.
         dataloader: Trainer-style batches (`input_ids`, `attention_mask`, and `labels` for `taylor` unless the model
             is a causal LM, which predicts its input ids). Padding tokens (attention mask 0) do not count.
-        method: "activation" (Minitron: mean |LayerNorm output| per channel, summed over the residual-stream norms)
-            or "taylor" (|d loss / d channel gate|, one backward pass per batch).
+        method: "activation" (Minitron: mean |LayerNorm output| per channel, summed over the residual-stream norms),
+            "taylor" (|d loss / d channel gate|, one backward pass per batch), or a name registered with
+            `register_channel_criterion`.
         max_batches: stop after this many batches.
         progress: show a tqdm progress bar.
 
@@ -107,13 +118,12 @@ def compute_channel_importance(
         float32 tensor [original hidden size] in the ORIGINAL channel numbering (what `prune_hidden` takes); removed
         channels score 0. The model gets its train/eval mode, `requires_grad` and `.grad` back unchanged.
     """
-    if method not in CHANNEL_METHODS:
-        raise ValueError(f"compute_channel_importance: method={method!r} is not supported; choose one of {list(CHANNEL_METHODS)}.")
+    criterion = get_channel_criterion(method, "compute_channel_importance: method")
     kept, original = _kept_channels(model)
     with scoring_mode(model):
         batches = scoring_batches(model, dataloader, max_batches, "channel importance", progress)
-        score = _activation_scores if method == "activation" else _taylor_scores
-        total, count = score(model, batches, len(kept))
+        scores = criterion.score(model, batches, len(kept))
+    check_scores(criterion, scores, len(kept), "kept channel")
     result = torch.zeros(original, dtype=torch.float32)
-    result[kept] = (total / max(count, 1)).cpu()
+    result[kept] = scores.cpu()
     return result

@@ -16,7 +16,7 @@ CSV / JSON / JSON Lines / Parquet file (`BenchmarkArguments.eval_file`), with on
 pairs) and a label column (files, columns and the Hub come through `hf_prune.data`, as in `hf-prune train`). Labels are class ids of the baseline checkpoint (`config.num_labels` classes), or label
 names that its `config.label2id` maps to ids. The timed batches are the first rows of the same data.
 
-    from hf_prune.benchmark import BenchmarkArguments, run_benchmark
+    from hf_prune.commands.benchmark import BenchmarkArguments, run_benchmark
 
     args = BenchmarkArguments(checkpoints=["dense", "pruned"], eval_file="sst2_validation.csv", eval_size=872)
     results = run_benchmark(args)   # or run_benchmark(args, eval_dataset=my_dataset["validation"])
@@ -24,6 +24,7 @@ names that its `config.label2id` maps to ids. The timed batches are the first ro
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -40,13 +41,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .data import DATA_FILE_TYPES, check_data_file, check_label_column, class_value, load_data_file
-from .data import parse_text_columns, resolve_text_columns
-from .files import atomic_write_text
-from .masks import sparsity_report
-from .metrics import classification_metrics
-from .runtime import onnx_logits_runner
-from .structure import load_pruned, structure_summary
+from ..data import DATA_FILE_TYPES, DataArguments, check_data_file, check_label_column, class_value, load_data_file
+from ..data import load_raw_splits
+from ..data import parse_text_columns, resolve_text_columns
+from ..files import atomic_write_text
+from ..masks import sparsity_report
+from ..metrics import classification_metrics
+from ..export import require_onnx
+from ..runtime import onnx_logits_runner
+from ..flops import encoder_flops
+from ..structure import load_pruned, structure_summary
+from .markdown import table
+from .parsing import CommandParser, parse_command, subset
 
 logger = logging.get_logger(__name__)
 
@@ -58,10 +64,10 @@ EVAL_FILE_TYPES = DATA_FILE_TYPES  # file suffix -> `datasets.load_dataset` buil
 class BenchmarkArguments:
     """What `hf-prune benchmark` measures; every field is a command-line option."""
 
-    checkpoints: list = field(default_factory=list, metadata={"help": "Checkpoint folders; the first is the baseline."})
-    names: Optional[list] = field(default=None, metadata={"help": "Display names (default: folder names)."})
+    checkpoints: list[str] = field(default_factory=list, metadata={"help": "Checkpoint folders; the first is the baseline."})
+    names: Optional[list[str]] = field(default=None, metadata={"help": "Display names (default: folder names)."})
     output_dir: str = field(default="outputs/benchmark", metadata={"help": "Where JSON, Markdown, PNG and ONNX go."})
-    batch_sizes: list = field(default_factory=lambda: [1, 32], metadata={"help": "Batch sizes timed."})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Batch sizes timed."})
     seq_len: int = field(default=64, metadata={"help": "Tokens per example (padded), as in training."})
     rounds: int = field(default=5, metadata={"help": "Interleaved rounds over all arms."})
     repeats: int = field(default=6, metadata={"help": "Timed calls per arm, batch size and round."})
@@ -75,7 +81,7 @@ class BenchmarkArguments:
         metadata={"help": "Labelled eval data: a .csv, .tsv, .json, .jsonl or .parquet file, loaded with "
                   "datasets.load_dataset (default: none; pass eval_dataset to run_benchmark instead)."},
     )
-    text_columns: Optional[list] = field(
+    text_columns: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Text column, or two for sentence pairs (default: `text`, `sentence` or "
                   "`sentence1 sentence2`, the first the data has)."},
@@ -85,7 +91,7 @@ class BenchmarkArguments:
         metadata={"help": "Label column: class ids, or label names in the baseline's config.label2id."},
     )
     int8: bool = field(default=True, metadata={"help": "Add a dynamic-INT8 ONNX Runtime arm per checkpoint."})
-    runtimes: list = field(default_factory=lambda: list(RUNTIMES), metadata={"help": "pytorch and/or onnxruntime."})
+    runtimes: list[str] = field(default_factory=lambda: list(RUNTIMES), metadata={"help": "pytorch and/or onnxruntime."})
     threads: Optional[int] = field(default=None, metadata={"help": "Threads for both runtimes (default: all cores)."})
     optimize: Optional[str] = field(default="O2", metadata={"help": "ORTOptimizer level of the ONNX fp32 arm."})
     exports: Optional[list] = field(
@@ -125,26 +131,6 @@ class BenchmarkArguments:
         self.text_columns = parse_text_columns(self.text_columns)
         if not self.label_column:
             raise ValueError("--label_column is empty: name the column that holds the labels.")
-
-
-def encoder_flops(model: nn.Module, seq_len: int) -> int:
-    """Floating-point operations per example in the transformer layers (2 x multiply-accumulates).
-
-    Projections and FFN scale with the kept heads and neurons and with the hidden size left after width pruning;
-    attention scores and the weighted sum with the kept heads and seq_len^2; only the layers left after depth pruning
-    count. Embeddings and the task head are left out (a lookup and a few thousand MACs).
-    """
-    summary = structure_summary(model)
-    # Read off the model: after width pruning hidden_size // num_attention_heads no longer gives head_dim.
-    hidden = summary["hidden_size"]
-    head_dim = summary["head_dim"]
-    total = 0
-    for heads, inter in zip(summary["heads_per_layer"], summary["intermediate_sizes"]):
-        width = heads * head_dim
-        per_token = 2 * (3 * hidden * width + width * hidden) + 2 * 2 * hidden * inter
-        attention = 2 * 2 * seq_len * seq_len * width
-        total += per_token * seq_len + attention
-    return total
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -267,7 +253,7 @@ def _build_arms(args: BenchmarkArguments, names: list[str]) -> list[_Arm]:
             arms.append(_Arm(name, checkpoint, "pytorch", "fp32", _pytorch_runner(model),
                              _safetensors_bytes(checkpoint), flops, dict(info)))
         if "onnxruntime" in args.runtimes:
-            from .export import ExportResult, export_onnx
+            from ..export import ExportResult, export_onnx
 
             if export_dir:
                 onnx_dir = Path(export_dir)
@@ -341,7 +327,7 @@ def run_benchmark(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from .runtime import available_cores
+    from ..runtime import available_cores
 
     if eval_dataset is not None and args.eval_file is not None:
         raise ValueError("Give the eval data once: eval_dataset or BenchmarkArguments.eval_file, not both.")
@@ -415,7 +401,8 @@ def run_benchmark(
     return results
 
 
-def format_markdown(results: dict[str, Any]) -> str:
+def format_report(results: dict[str, Any]) -> str:
+    """benchmark.md: the data and settings, one row per arm, and what scattered zeros do not buy."""
     settings, rows = results["settings"], results["rows"]
     sizes = settings["batch_sizes"]
     largest = max(sizes)
@@ -436,13 +423,12 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"size (interleaved). Speedups: vs the first checkpoint in the same runtime (ONNX Runtime arms vs its fp32 "
         "graph).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    table_rows = []
     for r in rows:
         cells = [
             r["name"], f"{r['runtime']} {r['precision']}", fmt(r.get("accuracy"), ".4f"),
@@ -452,7 +438,8 @@ def format_markdown(results: dict[str, Any]) -> str:
         for b in sizes:
             cells += [f"{r[f'p50_ms_b{b}']:.1f}", f"{r[f'p90_ms_b{b}']:.1f}", fmt(r.get(f"speedup_b{b}"), ".2f") + "x"]
         cells += [f"{r['throughput_per_s']:.0f}", fmt(r.get("speedup_of_flop_limit"), ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        table_rows.append(cells)
+    lines += table(header, table_rows)
     sparse_only = [r for r in rows if r["linear_sparsity"] > 0.3 and (r.get("flop_ratio_limit") or 1) < 1.05]
     if sparse_only:
         lines += [
@@ -468,11 +455,90 @@ def write_results(results: dict[str, Any], output_dir: str) -> dict[str, str]:
     """benchmark.json, benchmark.md and (if matplotlib is installed) benchmark.png in `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {"json": os.path.join(output_dir, "benchmark.json"), "markdown": os.path.join(output_dir, "benchmark.md")}
-    for key, text in (("json", json.dumps(results, indent=2) + "\n"), ("markdown", format_markdown(results))):
+    for key, text in (("json", json.dumps(results, indent=2) + "\n"), ("markdown", format_report(results))):
         atomic_write_text(paths[key], text)
-    from .plot import plot_accuracy_latency
+    from ..plot import plot_accuracy_latency
 
     png = plot_accuracy_latency(results, os.path.join(output_dir, "benchmark.png"))
     if png:
         paths["png"] = png
     return paths
+
+
+# ------------------------------------------------------------------------------------------------ command line
+NAME = "benchmark"
+# The command's options are BenchmarkArguments' own, and its data options those of hf-prune train (DataArguments)
+# that locate a test split; both keep their dataclasses' defaults and help.
+BenchmarkOptions = subset(BenchmarkArguments, "BenchmarkOptions", (
+    "names", "output_dir", "batch_sizes", "seq_len", "rounds", "repeats", "eval_size", "int8", "runtimes", "threads",
+    "optimize"), helps={"optimize": "ORTOptimizer level of the optimised ONNX fp32 arm, or none to skip that arm"})
+BenchmarkData = subset(DataArguments, "BenchmarkData", (
+    "test_file", "train_file", "dataset_name", "dataset_config_name", "test_split_name", "text_columns",
+    "label_column", "test_size", "split_seed"), helps={
+    "test_file": "Labelled test data: a .csv, .tsv, .json, .jsonl or .parquet file with text and label columns; "
+    "--eval_file is an alias. Without any data option (this, --train_file, --dataset_name) the packaged tweets are "
+    "scored (default: the packaged tweet-sentiment test split).",
+    "train_file": DataArguments.__dataclass_fields__["train_file"].metadata["help"] + " Only its carved test rows are "
+    "scored (when there is no --test_file).",
+    "label_column": "Label column: class ids, or label names in the baseline's config.label2id"})
+BenchmarkOptions._argument_group_name = "benchmark"
+BenchmarkData._argument_group_name = "data (the options of hf-prune train; accuracy is scored on the test split)"
+
+
+def make_parser() -> CommandParser:
+    parser = CommandParser(
+        (BenchmarkOptions, BenchmarkData),
+        prog="hf-prune benchmark",
+        description="Latency (p50/p90), throughput, size and accuracy of sequence-classification checkpoints in "
+        "PyTorch and ONNX Runtime, side by side in one run. The first checkpoint is the baseline. Each checkpoint is "
+        "first exported to ONNX (fp32, ORTOptimizer O2 and dynamic INT8, each verified against PyTorch), which takes "
+        "minutes for real models; --runtimes pytorch skips the export. Accuracy is scored on the test split of the "
+        "data options, which are those of hf-prune train: --test_file (alias --eval_file), a --train_file whose test "
+        "rows are carved with --test_size/--split_seed exactly as train carves them, or --dataset_name; without "
+        "them, on the packaged tweet-sentiment test split. Writes benchmark.json, benchmark.md and benchmark.png.",
+        helps={"--no_int8": "Skip the INT8 ONNX Runtime arms (default: INT8 arms are measured)."},
+    )
+    parser.add_alias("--test_file", "--eval_file")
+    parser.add_argument("checkpoints", nargs="+",
+                        help=BenchmarkArguments.__dataclass_fields__["checkpoints"].metadata["help"])
+    return parser
+
+
+def packaged_test_split(eval_size: int):
+    """The packaged tweet-sentiment test split (the fixed split of `hf-prune train`), the default eval data."""
+    from ..recipes.packaged import load_sentiment_splits
+
+    try:
+        return load_sentiment_splits(test_size=max(eval_size, 2000))["test"]
+    except (ImportError, FileNotFoundError) as err:
+        raise SystemExit(
+            f"hf-prune benchmark: no data given (--test_file/--eval_file, --train_file or --dataset_name), and the "
+            f"packaged tweet data it falls back to is unavailable ({err}). Pass --test_file (or its alias --eval_file) "
+            f"with your labelled data, or --eval_size 0 to time without scoring accuracy."
+        ) from None
+
+
+def main(argv: Sequence[str]) -> int:
+    positional: dict = {}
+    options, data = parse_command(argv, (BenchmarkOptions, BenchmarkData), make_parser, NAME, extras=positional)
+    try:
+        data_args = DataArguments(**dataclasses.asdict(data))
+        bench_args = BenchmarkArguments(
+            checkpoints=positional["checkpoints"], text_columns=data_args.text_columns,
+            label_column=data_args.label_column,
+            **{**dataclasses.asdict(options), "optimize": None if options.optimize == "none" else options.optimize},
+        )
+        eval_dataset, eval_name = None, None
+        if data_args.has_source:
+            raw = load_raw_splits(data_args, need=("test",))  # the same test rows hf-prune train scores on
+            eval_dataset, eval_name = raw["test"], f"test split: {raw.sources['test']}"
+        elif bench_args.eval_size > 0:
+            eval_dataset, eval_name = packaged_test_split(bench_args.eval_size), "Tweet sentiment test split"
+        if "onnxruntime" in bench_args.runtimes:
+            require_onnx()
+        results = run_benchmark(bench_args, eval_dataset=eval_dataset, eval_name=eval_name)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"hf-prune benchmark: {err}") from None
+    print(format_report(results))
+    print(f"Results: {bench_args.output_dir}/benchmark.json, benchmark.md, benchmark.png")
+    return 0

@@ -10,7 +10,7 @@ writes under its own folder (`output_dir/dense`, `output_dir/pruned`).
     from transformers import TrainingArguments
     from hf_prune import PruningConfig
     from hf_prune.data import DataArguments
-    from hf_prune.job import JobArguments, run_job
+    from hf_prune.commands.job import JobArguments, run_job
 
     results = run_job(
         JobArguments(model_name_or_path="bert-base-uncased", pruning_learning_rate=1e-3),
@@ -42,14 +42,16 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .config import PruningConfig
-from .data import ClassificationData, DataArguments, load_classification_data
-from .files import atomic_write_text
-from .finalize import add_results_to_model_card
-from .masks import sparsity_report
-from .metrics import compute_metrics
-from .plot import plot_training
-from .trainer import PruningTrainer
+from ..config import PruningConfig
+from ..data import ClassificationData, DataArguments, load_classification_data
+from ..files import atomic_write_text
+from ..finalize import add_results_to_model_card
+from ..masks import config_sparsity_report
+from ..metrics import compute_metrics
+from ..plot import plot_training
+from ..trainer import PruningTrainer
+from .markdown import table
+from .parsing import ModelArguments
 
 logger = logging.get_logger(__name__)
 
@@ -57,15 +59,11 @@ ARMS = ("dense", "pruned")
 
 
 @dataclass
-class JobArguments:
+class JobArguments(ModelArguments):
     """What the job compares: the model, and how the pruned arm differs from the dense one."""
 
     _argument_group_name = "job"  # HfArgumentParser groups these options under this title in --help
 
-    model_name_or_path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Model folder or Hub id; its classification head is set to the data's labels."},
-    )
     pruning_learning_rate: Optional[float] = field(
         default=None,
         metadata={
@@ -267,7 +265,7 @@ def validate_job(job: JobArguments, training_args: TrainingArguments, job_data: 
 def score_arm(trainer: Trainer, test: datasets.Dataset, pruning_config: PruningConfig, seconds: float) -> dict[str, Any]:
     """Test-split accuracy and macro-F1, measured sparsity of the targeted layers, non-zero parameters, time."""
     metrics = trainer.evaluate(test, metric_key_prefix="test")
-    report = sparsity_report(trainer.model, pruning_config.targets, pruning_config.exclude)
+    report = config_sparsity_report(trainer.model, pruning_config)
     return {
         "accuracy": metrics["test_accuracy"],
         "macro_f1": metrics["test_macro_f1"],
@@ -318,7 +316,7 @@ def write_plots(trainer: PruningTrainer, pruning_config: PruningConfig, output_d
     `layer_sparsity.png` (the pruned model per layer and module type) in `output_dir`, with matplotlib."""
     if not trainer.is_world_process_zero():
         return {}
-    report = sparsity_report(trainer.model, pruning_config.targets, pruning_config.exclude)
+    report = config_sparsity_report(trainer.model, pruning_config)
     return plot_training(trainer.state.log_history, report, output_dir)
 
 
@@ -415,18 +413,14 @@ def run_job(
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table of the arms: accuracy, macro-F1, sparsity of the pruned layers, parameters, time."""
-    rows = [
-        "| arm | accuracy | macro-F1 | sparsity (pruned layers) | non-zero params | train time (s) |",
-        "|---|---|---|---|---|---|",
-    ]
     dense_acc = results["arms"].get("dense", {}).get("accuracy")
+    rows = []
     for name, arm in results["arms"].items():
         relative = f" ({arm['accuracy'] / dense_acc:.1%} of dense)" if dense_acc and name != "dense" else ""
-        rows.append(
-            f"| {name} | {arm['accuracy']:.4f}{relative} | {arm['macro_f1']:.4f} | {arm['sparsity']:.2%} | "
-            f"{arm['nonzero_params']:,} / {arm['params']:,} | {arm['train_seconds']:.0f} |"
-        )
-    return "\n".join(rows)
+        rows.append([name, f"{arm['accuracy']:.4f}{relative}", f"{arm['macro_f1']:.4f}", f"{arm['sparsity']:.2%}",
+                     f"{arm['nonzero_params']:,} / {arm['params']:,}", f"{arm['train_seconds']:.0f}"])
+    header = ["arm", "accuracy", "macro-F1", "sparsity (pruned layers)", "non-zero params", "train time (s)"]
+    return "\n".join(table(header, rows))
 
 
 def format_results(results: dict[str, Any]) -> str:

