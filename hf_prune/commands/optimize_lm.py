@@ -154,6 +154,7 @@ def decode_timings(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new
     with the key/value cache) of each model at batch 1, interleaved round by round; medians over the rounds."""
     measured: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "generate": []} for name in models}
     mask = torch.ones_like(prompt)
+    # pad_token_id only silences generate's warning: a batch of one prompt has no padding.
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=0)
     for model in models.values():  # warm-up: first calls allocate

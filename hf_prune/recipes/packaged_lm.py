@@ -79,3 +79,9 @@ def calibration_batches(tokenizer, samples: int = 32, length: int = 256, batch_s
     SparseGPT papers sample C4), in batches."""
     ids = tokenizer("\n\n".join(news_articles("calibration")))["input_ids"]
     return calibration_windows(ids, samples, length, batch_size, seed)
+
+
+if __name__ == "__main__":  # `python -m hf_prune.recipes.packaged_lm` prints the folder, for the command line
+    import sys
+
+    print(packaged_lm_path(*sys.argv[1:2]))
