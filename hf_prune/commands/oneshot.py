@@ -23,6 +23,7 @@ from ..perplexity import evaluate_perplexity
 from ..oneshot.calibration import calibration_windows
 from ..oneshot.engine import oneshot, oneshot_config, oneshot_methods
 from .markdown import table
+from .optimize_lm import read_documents
 from .parsing import CommandParser, ModelArguments, parse_command
 
 logger = logging.get_logger(__name__)
@@ -101,19 +102,12 @@ class OneShotArguments(ModelArguments):
 
 
 def read_texts(path: str, text_column: str) -> list[str]:
-    """The texts of a local file: a .txt file is one text; .json/.jsonl/.csv are read with `datasets`."""
+    """The texts of a local file: a .txt file is one text (calibration windows are cut across it); .json, .jsonl and
+    .csv files one text per row of `text_column`."""
     if path.endswith(".txt"):
         with open(path, encoding="utf-8", errors="replace") as handle:
             return [handle.read()]
-    import datasets
-
-    kind = {"json": "json", "jsonl": "json", "csv": "csv"}.get(path.rsplit(".", 1)[-1].lower())
-    if kind is None:
-        raise ValueError(f"{path!r}: give a .txt, .json, .jsonl or .csv file.")
-    table = datasets.load_dataset(kind, data_files=path, split="train")
-    if text_column not in table.column_names:
-        raise ValueError(f"--text_column {text_column!r} is not a column of {path!r}; it has {table.column_names}.")
-    return [t for t in table[text_column] if t]
+    return read_documents(path, text_column, option="--text_column")
 
 
 def load_texts(args: OneShotArguments) -> Optional[tuple[list[str], list[str], str]]:

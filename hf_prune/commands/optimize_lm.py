@@ -74,7 +74,7 @@ def is_causal_lm(model_name_or_path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- text
-def read_documents(path: str, text_column: str) -> list[str]:
+def read_documents(path: str, text_column: str, option: str = "--text_columns") -> list[str]:
     """The documents of a local file: .txt split at blank lines (or at lines when there are none); .json, .jsonl
     and .csv read with `datasets`, one document per row of `text_column`."""
     if path.endswith(".txt"):
@@ -89,7 +89,7 @@ def read_documents(path: str, text_column: str) -> list[str]:
         raise ValueError(f"{path!r}: give a .txt, .json, .jsonl or .csv file of text.")
     rows = datasets.load_dataset(kind, data_files=path, split="train")
     if text_column not in rows.column_names:
-        raise ValueError(f"--text_columns {text_column!r} is not a column of {path!r}; it has {rows.column_names}.")
+        raise ValueError(f"{option} {text_column!r} is not a column of {path!r}; it has {rows.column_names}.")
     return [t for t in rows[text_column] if t]
 
 
