@@ -93,3 +93,23 @@ def test_text_files_split_into_documents_and_windows(tmp_path):
     windows = Windows(torch.arange(50), 16)
     assert len(windows) == 3 and torch.equal(windows[1]["input_ids"], torch.arange(16, 32))
     assert torch.equal(windows[1]["labels"], windows[1]["input_ids"])
+
+
+def test_uniform_layers_give_a_model_plain_from_pretrained_loads(lm_files, tmp_path):
+    """--uniform_layers: every layer keeps the same heads and neurons, and the saved config says so."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert optimize_lm(lm_files, out, "--target_params", "0.8", "--uniform_layers") == 0
+    plain = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    ours = load_pruned(str(out / "model")).eval()
+    summary = structure_summary(plain)
+    assert len(set(summary["heads_per_layer"])) == 1 and summary["heads_per_layer"][0] < 4
+    assert len(set(summary["intermediate_sizes"])) == 1 and summary["intermediate_sizes"][0] < 128
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert "hf_prune_structure" not in config and config["num_attention_heads"] == summary["heads_per_layer"][0]
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(prompt).logits, ours(prompt).logits)
+        assert torch.equal(plain.generate(prompt, **kwargs), plain.generate(prompt, use_cache=False, **kwargs))

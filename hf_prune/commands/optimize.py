@@ -160,6 +160,9 @@ class OptimizeArguments(ModelArguments):
     prompt_tokens: int = field(default=64, metadata={"help": "Causal LMs: prompt length of the prefill and decode "
                                                              "timings."})
     decode_tokens: int = field(default=32, metadata={"help": "Causal LMs: tokens generated per decode timing."})
+    uniform_layers: bool = field(
+        default=False, metadata={"help": "Causal LMs: every layer keeps the same numbers of heads and FFN neurons, "
+                                         "and OUT/model's config says them, so plain from_pretrained loads it."})
 
     def __post_init__(self) -> None:
         if self.target_speedup is not None and self.target_speedup <= 1.0:

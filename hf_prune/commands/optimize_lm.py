@@ -44,7 +44,16 @@ from ..data import DataArguments
 from ..files import atomic_write_text, staged_directory
 from ..latency import fraction_grid
 from ..perplexity import evaluate_perplexity
-from ..structure import load_pruned, prune_hidden, prune_layers, structure_summary
+from ..structure import (
+    CONFIG_ATTR,
+    STRUCTURE_NAME,
+    load_pruned,
+    prune_ffn_neurons,
+    prune_heads,
+    prune_hidden,
+    prune_layers,
+    structure_summary,
+)
 from ..trainer import PruningTrainer
 from ..units import (
     compute_channel_importance,
@@ -53,7 +62,9 @@ from ..units import (
     compute_neuron_importance,
     prune_by_importance,
     select_channels_to_prune,
+    select_heads_to_prune,
     select_layers_to_prune,
+    select_neurons_to_prune,
 )
 from .job import arm_training_arguments
 from .markdown import table
@@ -174,6 +185,43 @@ def decode_timings(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new
     return result
 
 
+def prune_uniformly(model: torch.nn.Module, heads: torch.Tensor, neurons: dict, fraction: float) -> None:
+    """Remove `fraction` of every layer's key/value groups and FFN neurons (each layer its own lowest), so that all
+    layers keep the same shapes: what a plain config describes (`--uniform_layers`)."""
+    summary = structure_summary(model)
+    group, per_layer = summary["head_group_size"], summary["num_attention_heads"]
+    head_count = int(round(fraction * per_layer / group)) * group
+    head_count = min(head_count, per_layer - group)  # every layer keeps one group
+    neuron_count = int(round(fraction * summary["intermediate_size"]))
+    layers = range(len(summary["heads_per_layer"]))
+    prune_heads(model, select_heads_to_prune(heads, layer_budget={i: head_count for i in layers}, model=model))
+    prune_ffn_neurons(model, select_neurons_to_prune(neurons, layer_budget={i: neuron_count for i in layers},
+                                                     model=model))
+
+
+def write_uniform_config(directory: str, model: torch.nn.Module) -> None:
+    """Rewrite `directory`'s config.json with the model's uniform shapes (heads, key/value heads, FFN size, layers,
+    head size) and drop hf_prune's structure record (config and sidecar file): plain `from_pretrained` then builds
+    exactly these shapes, and so does `load_pruned`."""
+    summary = structure_summary(model)
+    for name in ("heads_per_layer", "intermediate_sizes"):
+        if len(set(summary[name])) > 1:
+            raise ValueError(f"--uniform_layers: the layers have different {name} {summary[name]}.")
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    heads = summary["heads_per_layer"][0]
+    config.update(num_attention_heads=heads, num_key_value_heads=heads // summary["head_group_size"],
+                  intermediate_size=summary["intermediate_sizes"][0], num_hidden_layers=summary["num_layers"],
+                  hidden_size=summary["hidden_size"], head_dim=summary["head_dim"])
+    config.pop(CONFIG_ATTR, None)
+    config.pop("pruned_heads", None)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    sidecar = os.path.join(directory, STRUCTURE_NAME)
+    if os.path.isfile(sidecar):  # the record's copy beside the weights: it would re-prune the uniform shapes
+        os.remove(sidecar)
+
+
 def parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -236,7 +284,10 @@ class OptimizeLMRun:
         """The dense model with `fraction` of heads and neurons removed, and the chosen layers and channels."""
         model = copy.deepcopy(self.dense)
         # Heads and neurons first, while the layers still have their original numbering.
-        prune_by_importance(model, self.found["heads"], self.found["neurons"], fraction, fraction)
+        if self.opt.uniform_layers:
+            prune_uniformly(model, self.found["heads"], self.found["neurons"], fraction)
+        else:
+            prune_by_importance(model, self.found["heads"], self.found["neurons"], fraction, fraction)
         if self.found["layers"]:
             prune_layers(model, self.found["layers"])
         if self.found["channels"]:
@@ -297,6 +348,8 @@ class OptimizeLMRun:
         with staged_directory(model_dir) as staging:
             trainer.save_model(staging)
             self.tokenizer.save_pretrained(staging)
+            if self.opt.uniform_layers:
+                write_uniform_config(staging, trainer.model)
         return model_dir
 
     def measure(self, models: dict[str, torch.nn.Module]) -> dict[str, dict[str, Any]]:
