@@ -22,7 +22,6 @@ One command runs the pipeline practitioners describe (prune, recover, export, qu
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -43,19 +42,10 @@ from ..files import staged_directory
 from ..finalize import add_results_to_model_card
 from ..latency import LatencyProbe, fraction_grid, search_least_fraction
 from ..metrics import compute_metrics
-from ..structure import load_pruned, prune_hidden, prune_layers, structure_summary
+from ..structure import load_pruned, structure_summary
 from ..structure.io import resolve_directory
 from ..trainer import PruningTrainer
-from ..units import (
-    available_unit_criteria,
-    compute_channel_importance,
-    compute_head_importance,
-    compute_layer_importance,
-    compute_neuron_importance,
-    prune_by_importance,
-    select_channels_to_prune,
-    select_layers_to_prune,
-)
+from ..units import available_unit_criteria
 from .benchmark import BenchmarkArguments, run_benchmark
 from .job import JobArguments, JobData, arm_training_arguments, trainer_kwargs
 from .optimize_lm import format_lm_report, is_causal_lm, run_optimize_lm
@@ -69,13 +59,12 @@ from .parsing import (
     show_progress,
     with_defaults,
 )
+from .shapes import Importance, cut, score_structures
 from .train import TrainDataArguments, TrainTrainingArguments
 
 logger = logging.get_logger(__name__)
 
 QUANTIZATION_MODES = ("dynamic",)
-# The hidden size --hidden_fraction leaves is rounded to a multiple of this: matrix kernels run fastest on such widths.
-HIDDEN_MULTIPLE = 8
 
 
 @dataclass
@@ -261,16 +250,6 @@ def _raw_test(job_data: JobData) -> datasets.Dataset:
 
 
 @dataclass
-class Importance:
-    """What the score phase found, once: head and neuron importance, and the layers and channels that go."""
-
-    heads: torch.Tensor
-    neurons: dict
-    layers_gone: list[int]
-    channels_gone: list[int]
-
-
-@dataclass
 class Search:
     """What the search phase chose: the candidate kept, every candidate timed, whether the target was met, and the
     recoveries it ran (the accuracy search recovers each probe)."""
@@ -325,43 +304,18 @@ class OptimizeRun:
     # ------------------------------------------------------------------------------------------------ score
     def score(self) -> Importance:
         """Importance of heads and neurons, and the layers / hidden channels every candidate loses, scored once."""
-        opt, dense, args = self.opt, self.dense, self.training_args
-        start = time.perf_counter()
+        args, start = self.training_args, time.perf_counter()
         calibration = DataLoader(self.data["train"].with_format("torch"), batch_size=args.per_device_train_batch_size,
                                  shuffle=True, generator=torch.Generator().manual_seed(args.seed),
                                  collate_fn=default_data_collator)
-        batches = opt.calibration_batches
-        heads = compute_head_importance(dense, calibration, method=opt.importance, max_batches=batches)
-        neurons = compute_neuron_importance(dense, calibration, method=opt.importance, max_batches=batches)
-        layers_gone: list[int] = []
-        if opt.layers_to_remove:
-            num_layers = structure_summary(dense)["num_layers"]
-            if opt.layers_to_remove >= num_layers:
-                raise ValueError(f"--layers_to_remove {opt.layers_to_remove} is invalid: {opt.model_name_or_path!r} "
-                                 f"has {num_layers} layers and at least one must stay.")
-            layer_importance = compute_layer_importance(dense, calibration, max_batches=batches)
-            layers_gone = select_layers_to_prune(layer_importance, opt.layers_to_remove, model=dense)
-        channels_gone: list[int] = []
-        if opt.hidden_fraction:
-            channel_importance = compute_channel_importance(dense, calibration, max_batches=batches)
-            channels_gone = select_channels_to_prune(channel_importance, opt.hidden_fraction, model=dense,
-                                                     multiple_of=HIDDEN_MULTIPLE)
+        self.importance = score_structures(self.dense, calibration, self.opt)
         self.phases["importance_seconds"] = time.perf_counter() - start
-        self.importance = Importance(heads, neurons, layers_gone, channels_gone)
         return self.importance
 
     # -------------------------------------------------------------------------------------------------- cut
     def shaped(self, fraction: float) -> torch.nn.Module:
         """A copy of the dense model with `fraction` of heads and neurons removed, and the layers and channels."""
-        found = self.importance
-        model = copy.deepcopy(self.dense)
-        # Heads and neurons first, while the layers still have their original numbering.
-        prune_by_importance(model, found.heads, found.neurons, fraction, fraction)
-        if found.layers_gone:
-            prune_layers(model, found.layers_gone)
-        if found.channels_gone:
-            prune_hidden(model, found.channels_gone)
-        return model
+        return cut(self.dense, self.importance, fraction)
 
     # ---------------------------------------------------------------------------------------------- recover
     def recover(self, fraction: float, seed: int) -> Recovery:

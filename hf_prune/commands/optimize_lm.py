@@ -50,29 +50,15 @@ from ..structure import (
     load_pruned,
     prune_ffn_neurons,
     prune_heads,
-    prune_hidden,
-    prune_layers,
     structure_summary,
 )
 from ..trainer import PruningTrainer
-from ..units import (
-    compute_channel_importance,
-    compute_head_importance,
-    compute_layer_importance,
-    compute_neuron_importance,
-    prune_by_importance,
-    select_channels_to_prune,
-    select_heads_to_prune,
-    select_layers_to_prune,
-    select_neurons_to_prune,
-)
+from ..units import select_heads_to_prune, select_neurons_to_prune
 from .job import arm_training_arguments
 from .markdown import table
+from .shapes import Importance, cut, score_structures
 
 logger = logging.get_logger(__name__)
-
-HIDDEN_MULTIPLE = 8  # the hidden size left is a multiple of this: matrix kernels run fastest on such widths
-
 
 def is_causal_lm(model_name_or_path: str) -> bool:
     """Whether the checkpoint is a causal LM, read from its config (architectures, else the model type)."""
@@ -253,7 +239,7 @@ class OptimizeLMRun:
         self.train_ids, self.held_ids = token_ids(self.tokenizer, train_docs), token_ids(self.tokenizer, held_docs)
         self.windows = Windows(self.train_ids, opt.block_size)
         self.prompt = self.held_ids[: opt.prompt_tokens].unsqueeze(0)
-        self.found: dict[str, Any] = {}
+        self.found: Optional[Importance] = None
 
     def perplexity(self, model: torch.nn.Module) -> float:
         return evaluate_perplexity(model.eval(), input_ids=self.held_ids, window=self.opt.block_size,
@@ -261,38 +247,16 @@ class OptimizeLMRun:
 
     def score(self) -> None:
         """Importance of heads, neurons, layers and hidden channels on calibration windows of the training text."""
-        opt, dense, start = self.opt, self.dense, time.perf_counter()
+        start = time.perf_counter()
         calibration = DataLoader(self.windows, batch_size=self.training_args.per_device_train_batch_size,
                                  shuffle=True, generator=torch.Generator().manual_seed(self.training_args.seed),
                                  collate_fn=default_data_collator)
-        batches = opt.calibration_batches
-        self.found["heads"] = compute_head_importance(dense, calibration, method=opt.importance, max_batches=batches)
-        self.found["neurons"] = compute_neuron_importance(dense, calibration, method=opt.importance,
-                                                          max_batches=batches)
-        self.found["layers"] = []
-        if opt.layers_to_remove:
-            layers = compute_layer_importance(dense, calibration, max_batches=batches)
-            self.found["layers"] = select_layers_to_prune(layers, opt.layers_to_remove, model=dense)
-        self.found["channels"] = []
-        if opt.hidden_fraction:
-            channels = compute_channel_importance(dense, calibration, max_batches=batches)
-            self.found["channels"] = select_channels_to_prune(channels, opt.hidden_fraction, model=dense,
-                                                              multiple_of=HIDDEN_MULTIPLE)
+        self.found = score_structures(self.dense, calibration, self.opt)
         self.phases["importance_seconds"] = time.perf_counter() - start
 
     def shaped(self, fraction: float) -> torch.nn.Module:
         """The dense model with `fraction` of heads and neurons removed, and the chosen layers and channels."""
-        model = copy.deepcopy(self.dense)
-        # Heads and neurons first, while the layers still have their original numbering.
-        if self.opt.uniform_layers:
-            prune_uniformly(model, self.found["heads"], self.found["neurons"], fraction)
-        else:
-            prune_by_importance(model, self.found["heads"], self.found["neurons"], fraction, fraction)
-        if self.found["layers"]:
-            prune_layers(model, self.found["layers"])
-        if self.found["channels"]:
-            prune_hidden(model, self.found["channels"])
-        return model.eval()
+        return cut(self.dense, self.found, fraction, prune_uniformly if self.opt.uniform_layers else None).eval()
 
     def search(self) -> tuple[Candidate, list[Candidate], bool]:
         """The least pruning that meets the target, from candidates cut and measured before any training."""
@@ -410,8 +374,8 @@ def lm_report(run: OptimizeLMRun, chosen: Candidate, tried: list[Candidate], met
     return {
         "task": "causal-lm",
         "target": target,
-        "chosen": {"fraction_removed": chosen.fraction, "layers_removed": run.found["layers"],
-                   "hidden_channels_removed": len(run.found["channels"]), **shape},
+        "chosen": {"fraction_removed": chosen.fraction, "layers_removed": run.found.layers_gone,
+                   "hidden_channels_removed": len(run.found.channels_gone), **shape},
         "candidates": [asdict(c) for c in tried],
         "models": rows,
         "data": {"description": run.description, "train_tokens": int(run.train_ids.numel()),
