@@ -32,7 +32,8 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data
 
 from hf_prune import PruningConfig, PruningTrainer, evaluate_perplexity, load_pruned, oneshot, structure_summary
 from hf_prune.commands.markdown import table
-from hf_prune.commands.optimize_lm import Windows, decode_timings, parameters, token_ids
+from hf_prune.commands.optimize_lm import Windows, parameters, token_ids
+from hf_prune.runtime import decode_timings
 from hf_prune.structure import prune_hidden, prune_layers
 from hf_prune.units import (
     compute_channel_importance,

@@ -40,6 +40,8 @@ DEFAULT_TARGETS = (rf"(^|\.){BLOCK_NAMES}\.\d+\.",)
 DEFAULT_EXCLUDE: tuple[str, ...] = ()
 
 CONFIG_NAME = "pruning_config.json"
+# obs: a block's Fisher inverse holds B x B floats for B weights, so B bounds a mask update's memory per weight.
+MAX_OBS_BLOCK_SIZE = 1024
 
 
 # Numeric options and what each allows, for the type check that runs before the range checks.
@@ -49,6 +51,7 @@ _NUMBER_OPTIONS = {
     **{name: "a fraction of training must be a number in [0, 1)" for name in ("warmup_fraction", "cooldown_fraction")},
     "regularization_lambda": "must be a number >= 0",
     "score_learning_rate": "must be a number > 0",
+    "obs_damp": "must be a number > 0",
     "distillation_alpha": "must be a number in [0, 1]",
     "distillation_temperature": "must be a number > 0",
     "distillation_hidden_weight": "must be a number >= 0",
@@ -84,7 +87,8 @@ def _method_help() -> str:
     return (
         f"Importance criterion, one of the registered methods {list(available_methods())}: 'magnitude' (|W|), "
         "'movement' (accumulated -W*dL/dW, Sanh et al. 2020), 'soft_movement' (learned scores with a regulariser; "
-        "PruningTrainer only), 'wanda' (|W| times input norms, Sun et al. 2023), 'sparsegpt' (one-shot only: "
+        "PruningTrainer only), 'obs' (second-order: block-wise empirical Fisher, kept weights compensate the pruned "
+        "ones; Kurtic et al. 2022), 'wanda' (|W| times input norms, Sun et al. 2023), 'sparsegpt' (one-shot only: "
         "hf_prune.oneshot), 'constant' (keep the zeros the model has; recovery after one-shot pruning), or any name "
         "added with hf_prune.register_method."
     )
@@ -183,6 +187,28 @@ class PruningConfig:
     score_learning_rate: float = field(
         default=1e-2, metadata={"help": "soft_movement: learning rate of the learned scores."}
     )
+    obs_block_size: int = field(
+        default=32,
+        metadata={
+            "help": "obs: weights per Fisher block (consecutive weights of the flattened (out, in) matrix). Larger "
+            "blocks see more correlations; a mask update's time grows as B per weight (BxB inverses per B weights)."
+        },
+    )
+    obs_num_gradients: int = field(
+        default=16,
+        metadata={
+            "help": "obs: how many of the most recent gradients make the empirical Fisher (kept in memory and in "
+            "checkpoints: this many float32 copies of every targeted weight)."
+        },
+    )
+    obs_damp: float = field(
+        default=1e-2,
+        metadata={
+            "help": "obs: dampening of the empirical Fisher, relative to the layer's mean squared gradient "
+            "(F = obs_damp * mean(g^2) * I + mean of g g^T over the kept gradients). Larger is more cautious (closer "
+            "to magnitude pruning, smaller weight updates); must be > 0."
+        },
+    )
     distillation_alpha: float = field(
         default=0.5,
         metadata={
@@ -276,6 +302,17 @@ class PruningConfig:
         if isinstance(self.pruning_interval, bool) or not isinstance(self.pruning_interval, int) \
                 or self.pruning_interval < 1:
             _fail("pruning_interval", self.pruning_interval, "a positive number of steps")
+        # obs options are checked whatever the method (as soft movement's are), so a config that switches method
+        # later never carries a broken value; other methods ignore them.
+        for name in ("obs_block_size", "obs_num_gradients"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "give a whole number >= 1")
+        if self.obs_block_size > MAX_OBS_BLOCK_SIZE:
+            _fail("obs_block_size", self.obs_block_size,
+                  f"at most {MAX_OBS_BLOCK_SIZE} (each block's Fisher inverse is BxB: memory and time grow as B^2)")
+        if not 0 < self.obs_damp < float("inf"):  # written so that NaN fails too
+            _fail("obs_damp", self.obs_damp, "must be a finite number > 0")
         self.block_dims  # both patterns parse (and fail with a clear message) whatever the granularity
         n, m = self.n_m_values
         if self.granularity == "n:m":

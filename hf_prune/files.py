@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -28,11 +30,51 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> str:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        full = no_space(err, path)
+        if full is not None:
+            raise full from err
         raise
     return path
+
+
+# Errors that mean the disk (or a quota, or the process's file-size limit) has no room for what was being written.
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class NoSpaceError(OSError):
+    """A save or export ran out of space; what was at its path before is intact (the message says which path)."""
+
+
+def space_errno(err: BaseException) -> Optional[int]:
+    """The errno of a failed write that ran out of space, found in `err` or what caused it, else None. Writers in
+    Rust or C++ (safetensors, ONNX) raise their own exception types and name the OS error only in the message."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            return err.errno
+        match = re.search(r"os error (\d+)", str(err))
+        if match and int(match.group(1)) in NO_SPACE:
+            return int(match.group(1))
+        if "No space left on device" in str(err) or "File too large" in str(err):
+            return errno.ENOSPC if "No space" in str(err) else errno.EFBIG
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def no_space(err: BaseException, path: str) -> Optional[NoSpaceError]:
+    """A NoSpaceError naming `path` for a write that failed for lack of space, else None."""
+    code = None if isinstance(err, NoSpaceError) else space_errno(err)
+    if code is None:
+        return None
+    before = "the previous version is intact" if os.path.exists(path) else "nothing was written there"
+    error = NoSpaceError(f"writing {path} failed: {os.strerror(code)} (no space left on the device, a quota or the "
+                         f"file-size limit); {before}. Free space and run again.")
+    error.errno = code  # set after: OSError(errno, text) would prefix the text with "[Errno N]"
+    return error
 
 
 def atomic_write_text(path: str, text: str) -> str:
@@ -156,8 +198,11 @@ def staged_directory(path: str, carry_over: Optional[Callable[[str], bool]] = No
             for entry in os.listdir(path):
                 if not os.path.lexists(os.path.join(staging, entry)) and carry_over(entry):
                     _link_tree(os.path.join(path, entry), os.path.join(staging, entry))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        full = no_space(err, path)
+        if full is not None:
+            raise full from err
         raise
     previous = None
     if os.path.exists(path):
@@ -171,3 +216,47 @@ def staged_directory(path: str, carry_over: Optional[Callable[[str], bool]] = No
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+class OutputDirInUse(OSError):
+    """Another process holds the output folder (`hold_output_dir`)."""
+
+
+@contextmanager
+def hold_output_dir(path: str, option: str = "--output_dir") -> Iterator[None]:
+    """Hold `path` for this process while the block runs: a second hf-prune job given the same folder refuses at
+    once (OutputDirInUse) instead of interleaving its files with the first one's.
+
+    The lock is an advisory `flock` on `.NAME.lock` beside the folder (not inside it, which saves replace whole):
+    the kernel releases it when the holder exits, killed or not, so a crashed job never leaves the folder locked.
+    In a distributed run only process 0 (RANK 0) holds it: the others are the same job. Where `flock` is missing
+    (Windows), nothing is held.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    lock_path = os.path.join(parent, f".{name}.lock")
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputDirInUse(errno.EBUSY, f"{option} {path} is in use by {holder}: two jobs writing one folder "
+                                 f"would mix their files. Wait for it to finish, or give another {option}.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"hf-prune (pid {os.getpid()} on {socket.gethostname()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock

@@ -161,7 +161,7 @@ def fraction_grid(step: float, max_fraction: float) -> list[float]:
         raise ValueError(f"step={step!r} must lie in (0, 1).")
     if not step <= max_fraction < 1.0:
         raise ValueError(f"max_fraction={max_fraction!r} must lie in [step, 1).")
-    count = int(round(max_fraction / step + 1e-9))
+    count = int(max_fraction / step + 1e-9)  # floor: never a step past max_fraction (0.25 to 0.9 stops at 0.75)
     grid = [round(step * i, 4) for i in range(1, count + 1)]
     if grid[-1] < max_fraction - 1e-9:
         grid.append(round(max_fraction, 4))

@@ -340,6 +340,10 @@ class Pruner:
                 mask = expand_units(pruned_units, matrix_view(module).shape, self.config)
                 new_masks[name] = stored_layout(module, mask)
         self.scheduled_sparsity = sparsity
+        for name, mask in new_masks.items():
+            # Before set_masks zeroes them: the criterion sees the newly pruned weights' values (OBS compensates).
+            previous = self.masks[name]
+            self.method.on_masks_updated(name, self.modules[name], mask if previous is None else mask & ~previous)
         self.set_masks(new_masks)
         names = list(self._keep)
         keep_optimizer_state(self.optimizer, [self.modules[n].weight for n in names], [self._keep[n] for n in names])

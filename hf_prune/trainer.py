@@ -76,6 +76,60 @@ def _output_vocabulary(model: nn.Module) -> Optional[int]:
     return int(weight.shape[0]) if weight is not None else None
 
 
+def _input_vocabulary(model: nn.Module) -> Optional[int]:
+    """How many token ids the model's input embeddings can look up, or None when it has none (audio, vision)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    count = getattr(embeddings, "num_embeddings", None)
+    return int(count) if count is not None else None
+
+
+def _output_space(model: nn.Module) -> tuple[str, Optional[int]]:
+    """What the model's logits range over: ("vocabulary", tokens) for a language-model head, ("labels", classes) for
+    a classification head, ("unknown", None) otherwise."""
+    vocabulary = _output_vocabulary(model)
+    if vocabulary is not None:
+        return "vocabulary", vocabulary
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification",
+                                      "ForImageClassification", "ForAudioClassification", "ForMultipleChoice")):
+        return "labels", getattr(getattr(model, "config", None), "num_labels", None)
+    return "unknown", None
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None) -> None:
+    """Refuse, before the first step, a teacher that cannot read the student's inputs or predicts something else.
+
+    What the teacher reads: every token id the student's tokenizer (else its input embeddings) can produce must be
+    inside the teacher's input embeddings -- otherwise the teacher's forward dies with an index error mid-step. What
+    it predicts: the same kind of output (vocabulary or labels) and the same size, compared position by position.
+    """
+    student_kind, student_size = _output_space(student)
+    teacher_kind, teacher_size = _output_space(teacher)
+    if "unknown" not in (student_kind, teacher_kind) and student_kind != teacher_kind:
+        raise ValueError(f"teacher_model predicts {teacher_kind} ({teacher_size}) but the model predicts "
+                         f"{student_kind} ({student_size}): distillation compares the same outputs; give a teacher "
+                         f"with the model's head ({type(student).__name__}).")
+    if student_kind == teacher_kind == "labels" and None not in (student_size, teacher_size) \
+            and student_size != teacher_size:
+        raise ValueError(f"teacher_model has num_labels={teacher_size} but the model has {student_size}; distillation "
+                         "needs the same output space.")
+    if student_kind == teacher_kind == "vocabulary" and student_size != teacher_size:
+        raise ValueError(f"teacher_model predicts a vocabulary of {teacher_size} tokens but the model {student_size}; "
+                         "distillation compares the two distributions token by token, so they need the same "
+                         "tokenizer.")
+    readable = _input_vocabulary(teacher)
+    produced = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else \
+        _input_vocabulary(student)
+    if readable is not None and produced is not None and readable < produced:
+        source = "the tokenizer" if tokenizer is not None and hasattr(tokenizer, "__len__") else "the model's inputs"
+        raise ValueError(f"teacher_model reads token ids below {readable} but {source} produces ids up to "
+                         f"{produced - 1}: the teacher would fail on the first such token. Distil from a teacher "
+                         "with the student's tokenizer (the dense model it was pruned from).")
+
+
 def hidden_state_alignment(student: nn.Module, teacher_width: int,
                            teacher_depth: Optional[int] = None) -> tuple[list[int], Optional[torch.Tensor]]:
     """Which teacher hidden state and channels each hidden state of a depth- or width-pruned student matches.
@@ -152,20 +206,7 @@ class PruningTrainer(Trainer):
     def _prepare_teacher(self, teacher: Optional[nn.Module]) -> Optional[nn.Module]:
         if teacher is None:
             return None
-        student_labels = getattr(getattr(self.model, "config", None), "num_labels", None)
-        teacher_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
-        if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
-            raise ValueError(
-                f"teacher_model has num_labels={teacher_labels} but the model has {student_labels}; distillation "
-                "needs the same output space."
-            )
-        student_vocab = _output_vocabulary(self.model)
-        teacher_vocab = _output_vocabulary(teacher)
-        if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
-            raise ValueError(
-                f"teacher_model predicts a vocabulary of {teacher_vocab} tokens but the model {student_vocab}; "
-                "distillation compares the two distributions token by token, so they need the same tokenizer."
-            )
+        check_teacher(self.model, teacher, getattr(self, "processing_class", None))
         # eval() for deterministic targets; requires_grad is left alone (the forward runs under no_grad), so the
         # caller's model stays trainable if it is reused.
         return teacher.to(self.args.device).eval()

@@ -39,6 +39,8 @@ Each row is (how to provoke it, the exception type, fragments its message must h
 #   trainer.py: a deeper teacher with hidden-state distillation (its first layers were silently matched to the
 #     student's), and an LM teacher of another vocabulary (a RuntimeError from a reshape at the first step) (2:
 #     teacher-deeper, teacher-vocabulary).
+#   trainer.py: a classifier teacher with a smaller input vocabulary than the student's (IndexError in its embedding
+#     at the first step) and a teacher with another kind of head (2: teacher-input-vocabulary, teacher-other-head).
 
 from __future__ import annotations
 
@@ -489,6 +491,13 @@ CASES = [
                  id="teacher-deeper"),  # fixed: a deeper teacher's first layers were matched to the student's
     pytest.param(lm_teacher_of_another_vocabulary, ValueError, ("teacher_model", "120", "100"),
                  id="teacher-vocabulary"),  # fixed: a RuntimeError from a reshape in distillation_loss
+    pytest.param(teacher_run(bert_teacher(vocab_size=50)), ValueError,
+                 ("teacher_model reads token ids below 50", "up to 99"),
+                 id="teacher-input-vocabulary"),  # fixed: IndexError inside the teacher's embedding at the first step
+    pytest.param(teacher_run(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))), ValueError,
+                 ("teacher_model predicts vocabulary (100)", "the model predicts labels (3)"),
+                 id="teacher-other-head"),  # fixed: an LM teacher for a classifier failed inside the KL
     # ---------------------------------------------------------------- hf-prune train: --config files
     pytest.param(cli("train", "--config", "{config}", config_text="target_sparsity: [0.5\n"), SystemExit,
                  ("config.yaml", "not valid YAML", "line"), id="cli-config-yaml-syntax"),  # fixed: raw ParserError

@@ -169,3 +169,41 @@ def test_the_callback_rebuilds_its_pruner_when_accelerate_shards_the_model_in_pl
         assert callback.build(model) is after
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ causal-LM optimize
+@pytest.mark.slow
+def test_optimize_on_a_causal_lm_runs_under_ddp_with_every_rank_on_the_shape_rank_zero_chose(tmp_path):
+    """`hf-prune optimize` on a causal LM under torchrun: candidates timed against a speed target differ between
+    processes, so rank 0's measurements decide for all (else DDP would train two different shapes and hang); the
+    search's short recoveries and the final one run in both processes; one model and one report are written."""
+    import json
+    import random
+
+    from conftest import WORDS, tiny_causal_lm, tiny_tokenizer
+
+    from hf_prune import load_pruned
+
+    model_dir = tmp_path / "model"
+    tiny_causal_lm("llama", layers=4).save_pretrained(model_dir)
+    tiny_tokenizer(model_dir).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for name, count in (("train.txt", 40), ("held_out.txt", 8)):
+        text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(count))
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_prune.cli",
+         "optimize", "--model_name_or_path", str(model_dir), "--train_file", str(tmp_path / "train.txt"),
+         "--validation_file", str(tmp_path / "held_out.txt"), "--block_size", "16", "--max_steps", "2",
+         "--search_steps", "1", "--per_device_train_batch_size", "2", "--calibration_batches", "2",
+         "--eval_tokens", "200", "--prompt_tokens", "8", "--decode_tokens", "4", "--benchmark_rounds", "1",
+         "--timing_rounds", "1", "--fraction_step", "0.25", "--target_params", "0.8", "--target_speedup", "1.05",
+         "--use_cpu", "--disable_tqdm", "true", "--output_dir", str(out)], tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["processes"] == 2
+    chosen = [c for c in report["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["perplexity_after_search"] is not None
+    model = load_pruned(str(out / "model"))
+    ratio = sum(p.numel() for p in model.parameters()) / report["models"]["dense"]["parameters"]
+    assert ratio == pytest.approx(chosen[0]["params_ratio"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind

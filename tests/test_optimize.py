@@ -57,6 +57,8 @@ def optimize_argv(model_dir, data, out, *extra):
         (["--target_speedup", "2", "--importance", "nonsense"], "--importance 'nonsense'"),
         (["--target_speedup", "2", "--hidden_fraction", "1.0"], "--hidden_fraction 1.0 is invalid"),
         (["--target_speedup", "2", "--layers_to_remove", "-1"], "--layers_to_remove -1 is invalid"),
+        (["--target_speedup", "2", "--search_axes", "true"], "--search_axes True / --search_steps 0 apply to causal"),
+        (["--target_speedup", "2", "--layer_importance", "x"], "--layer_importance 'x' is not a registered"),
     ],
 )
 def test_bad_options_fail_before_any_model_is_loaded(classifier_dir, data_files, tmp_path, extra, message, capsys):
@@ -228,6 +230,8 @@ def test_search_least_fraction_bisects_to_the_least_that_meets():
     chosen, tried, met = search_least_fraction(measure, grid, goal=50, batch_size=32, progress=False)
     assert not met and chosen.fraction == 0.9 and len(tried) == 1
     assert fraction_grid(0.25, 0.6) == [0.25, 0.5, 0.6]
+    assert fraction_grid(0.25, 0.9) == [0.25, 0.5, 0.75, 0.9]  # never past max_fraction (it once gave 1.0)
+    assert fraction_grid(0.05, 0.9)[-1] == 0.9 and len(fraction_grid(0.05, 0.9)) == 18
     with pytest.raises(ValueError, match="max_fraction"):
         fraction_grid(0.5, 1.0)
 

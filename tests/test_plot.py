@@ -20,6 +20,7 @@ from hf_prune.plot import (
     plot_accuracy_vs_sparsity,
     plot_head_importance,
     plot_layer_sparsity,
+    plot_lm_candidates,
     plot_schedule,
     plot_sensitivity,
     plot_sparsity_heatmap,
@@ -84,6 +85,26 @@ def accuracy_rows():
     return [{"sparsity": s, "accuracy": a, "arm": arm}
             for arm, drop in (("magnitude", 0.3), ("movement", 0.1)) for seed in (0, 1)
             for s, a in ((0.0, 0.80), (0.5, 0.78 - 0.01 * seed), (0.9, 0.80 - drop + 0.01 * seed))]
+
+
+def lm_report(speedups: bool = True, perplexities: bool = True):
+    """The parts of an `hf-prune optimize` causal-LM report.json that plot_lm_candidates reads: candidates of every
+    family, some recovered by the short search, one chosen; the dense and optimized models; both targets."""
+    candidates = []
+    for axes, step in (("heads+neurons", 0.1), ("hidden", 0.12), ("hidden+heads+neurons", 0.15), ("depth", 0.2),
+                       ("depth+width", 0.18)):
+        for k in (1, 2, 3):
+            kept = 1 - step * k
+            candidates.append({"axes": axes, "params_ratio": kept,
+                               "decode_speedup": (1 / kept) if speedups else None,
+                               "perplexity_after_cut": (20 / kept ** 4) if perplexities else None,
+                               "perplexity_after_search": (20 / kept ** 2) if perplexities and k == 3 else None,
+                               "chosen": axes == "hidden+heads+neurons" and k == 2})
+    models = {"dense": {"params_ratio": 1.0, "perplexity": 20.0 if perplexities else None, "decode_speedup": 1.0},
+              "optimized": {"params_ratio": 0.7, "perplexity": 24.0 if perplexities else None,
+                            "decode_speedup": 1.4 if speedups else None}}
+    return {"candidates": candidates, "models": models,
+            "target": {"params": 0.7, "speedup": 1.4 if speedups else None}}
 
 
 def benchmark_results():
@@ -252,6 +273,30 @@ def test_accuracy_vs_sparsity_refuses_bad_rows(rows, match, tmp_path):
         plot_accuracy_vs_sparsity(rows, str(tmp_path / "x.png"))
 
 
+def test_lm_candidates_write_pngs_with_and_without_speedups_and_perplexities(tmp_path):
+    needs_matplotlib()
+    assert_png(plot_lm_candidates(lm_report(), str(tmp_path / "full.png")))
+    assert_png(plot_lm_candidates(lm_report(speedups=False), str(tmp_path / "no_speedups.png")))
+    assert_png(plot_lm_candidates(lm_report(perplexities=False), str(tmp_path / "no_perplexities.png")))
+    bare = {"candidates": [{"axes": "experts", "params_ratio": 0.8, "decode_speedup": None, "chosen": True}]}
+    assert_png(plot_lm_candidates(bare, str(tmp_path / "plots" / "bare.png")), min_kb=4)  # no models, no target
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({}, "candidates"),
+    ({"candidates": [], "models": {}}, "no candidates"),
+    ({"candidates": ["0.5"]}, r"\['candidates'\]\[0\]"),
+    ({"candidates": [{"axes": "hidden", "params_ratio": None}]}, r"\['candidates'\]\[0\]\['params_ratio'\]"),
+    ({"candidates": [{"params_ratio": 0.5, "perplexity_after_cut": float("nan")}]}, "perplexity_after_cut"),
+    ({"candidates": [], "models": {"optimized": {"params_ratio": 0.7, "decode_speedup": "fast"}}},
+     r"\['models'\]\['optimized'\]\['decode_speedup'\]"),
+    ({"candidates": [{"params_ratio": 0.5}], "target": {"params": "0.6"}}, r"\['target'\]\['params'\]"),
+])
+def test_lm_candidates_refuse_bad_reports(bad, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        plot_lm_candidates(bad, str(tmp_path / "x.png"))
+
+
 def test_sensitivity_grid_orders_groups_by_layer_then_kind():
     groups, levels, grid = sensitivity_grid(sensitivity_result())
     assert groups == ["layer 0 heads", "layer 0 neurons", "layer 1 heads", "layer 1 neurons", "embeddings"]
@@ -299,7 +344,9 @@ def test_sensitivity_refuses_bad_input(bad, match, tmp_path):
     lambda p: plot_accuracy_vs_sparsity(accuracy_rows(), p),
     lambda p: plot_accuracy_latency(benchmark_results(), p),
     lambda p: plot_sensitivity(sensitivity_result(), p),
-], ids=["layer_sparsity", "heatmap", "heads", "schedule", "accuracy_sparsity", "accuracy_latency", "sensitivity"])
+    lambda p: plot_lm_candidates(lm_report(), p),
+], ids=["layer_sparsity", "heatmap", "heads", "schedule", "accuracy_sparsity", "accuracy_latency", "sensitivity",
+        "lm_candidates"])
 def test_without_matplotlib_every_picture_warns_once_and_returns_none(draw, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(canvas, "is_matplotlib_available", lambda: False)
     with caplog.at_level(logging.WARNING):

@@ -44,7 +44,7 @@ from transformers.utils import logging
 from ..data import DATA_FILE_TYPES, DataArguments, check_data_file, check_label_column, class_value, load_data_file
 from ..data import load_raw_splits
 from ..data import parse_text_columns, resolve_text_columns
-from ..files import atomic_write_text
+from ..files import OutputDirInUse, atomic_write_text, hold_output_dir
 from ..masks import sparsity_report
 from ..metrics import classification_metrics
 from ..export import require_onnx
@@ -536,8 +536,9 @@ def main(argv: Sequence[str]) -> int:
             eval_dataset, eval_name = packaged_test_split(bench_args.eval_size), "Tweet sentiment test split"
         if "onnxruntime" in bench_args.runtimes:
             require_onnx()
-        results = run_benchmark(bench_args, eval_dataset=eval_dataset, eval_name=eval_name)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+        with hold_output_dir(bench_args.output_dir):
+            results = run_benchmark(bench_args, eval_dataset=eval_dataset, eval_name=eval_name)
+    except (ValueError, FileNotFoundError, ImportError, OutputDirInUse) as err:
         raise SystemExit(f"hf-prune benchmark: {err}") from None
     print(format_report(results))
     print(f"Results: {bench_args.output_dir}/benchmark.json, benchmark.md, benchmark.png")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 from ..export import OPTIMIZATION_LEVELS, QUANTIZATION_MODES, SPARSE_INITIALIZER_MODES, ExportError, export_onnx
+from ..files import OutputDirInUse, hold_output_dir
 from .parsing import CommandParser, parse_command
 
 NAME = "export"
@@ -59,15 +60,16 @@ def main(argv: Sequence[str]) -> int:
     paths: dict = {}
     (args,) = parse_command(argv, (ExportArguments,), make_parser, NAME, extras=paths)
     try:
-        result = export_onnx(
-            paths["checkpoint"], paths["output_dir"], task=args.task,
-            optimize=None if args.optimize == "none" else args.optimize,
-            quantize=None if args.quantize in (None, "none") else args.quantize,
-            verify=args.verify, remove_structures=args.remove_structures,
-            sparse_initializers=args.sparse_initializers, tolerance=args.tolerance,
-            quantized_tolerance=args.quantized_tolerance, overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, ExportError) as err:
+        with hold_output_dir(paths["output_dir"], option="output_dir"):
+            result = export_onnx(
+                paths["checkpoint"], paths["output_dir"], task=args.task,
+                optimize=None if args.optimize == "none" else args.optimize,
+                quantize=None if args.quantize in (None, "none") else args.quantize,
+                verify=args.verify, remove_structures=args.remove_structures,
+                sparse_initializers=args.sparse_initializers, tolerance=args.tolerance,
+                quantized_tolerance=args.quantized_tolerance, overwrite=args.overwrite,
+            )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, ExportError, OutputDirInUse) as err:
         raise SystemExit(f"hf-prune export: {err}") from None
     print(f"Exported {paths['checkpoint']} -> {result.output_dir} (task {result.task})")
     for variant, name in result.files.items():

@@ -17,7 +17,7 @@ import torch
 from transformers.utils import logging
 
 from ..config import PruningConfig
-from ..files import staged_directory
+from ..files import atomic_write_text, hold_output_dir, staged_directory
 from ..finalize import save_pruning_artifacts
 from ..perplexity import evaluate_perplexity
 from ..oneshot.calibration import calibration_windows
@@ -101,19 +101,18 @@ class OneShotArguments(ModelArguments):
         return oneshot_config(self.method, self.sparsity, self.pattern, self.targets or None, self.exclude or None)
 
 
-def read_texts(path: str, text_column: str) -> list[str]:
+def read_texts(path: str, text_column: str, option: str) -> list[str]:
     """The texts of a local file: a .txt file is one text (calibration windows are cut across it); .json, .jsonl and
-    .csv files one text per row of `text_column`."""
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return [handle.read()]
-    return read_documents(path, text_column, option="--text_column")
+    .csv files one text per row of `text_column`. Errors name `option`, the file's option."""
+    documents = read_documents(path, text_column, option=option, column_option="--text_column")
+    return ["\n\n".join(documents)] if path.endswith(".txt") else documents
 
 
 def load_texts(args: OneShotArguments) -> Optional[tuple[list[str], list[str], str]]:
     """(calibration texts, evaluation texts, where they came from), or None when no source was given."""
     if args.calibration_file:
-        return (read_texts(args.calibration_file, args.text_column), read_texts(args.evaluation_file, args.text_column),
+        return (read_texts(args.calibration_file, args.text_column, "--calibration_file"),
+                read_texts(args.evaluation_file, args.text_column, "--evaluation_file"),
                 f"{args.calibration_file} / {args.evaluation_file}")
     if args.dataset_name:
         import datasets
@@ -178,10 +177,8 @@ def run_oneshot(args: OneShotArguments, texts: Optional[tuple[list[str], list[st
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_pruning_artifacts(staging, model, config)
-    with open(os.path.join(args.output_dir, "report.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
-    with open(os.path.join(args.output_dir, "report.md"), "w") as handle:
-        handle.write(format_report(report) + "\n")
+    atomic_write_text(os.path.join(args.output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.output_dir, "report.md"), format_report(report) + "\n")
     return report
 
 
@@ -233,7 +230,8 @@ def main(argv: Sequence[str]) -> int:
             from ..recipes.packaged_lm import packaged_lm_path
 
             args.model_name_or_path = packaged_lm_path()
-        report = run_oneshot(args, texts=texts)
+        with hold_output_dir(args.output_dir):
+            report = run_oneshot(args, texts=texts)
     except (ValueError, OSError, ImportError) as err:
         raise SystemExit(f"hf-prune oneshot: {err}") from None
     print(format_report(report))

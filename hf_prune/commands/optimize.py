@@ -38,14 +38,14 @@ from transformers.utils import logging
 from ..config import PruningConfig
 from ..data import DataArguments
 from ..export import export_onnx, require_onnx
-from ..files import staged_directory
+from ..files import hold_output_dir, staged_directory
 from ..finalize import add_results_to_model_card
 from ..latency import LatencyProbe, fraction_grid, search_least_fraction
 from ..metrics import compute_metrics
 from ..structure import load_pruned, structure_summary
 from ..structure.io import resolve_directory
 from ..trainer import PruningTrainer
-from ..units import available_unit_criteria
+from ..units import available_layer_criteria, available_unit_criteria
 from .benchmark import BenchmarkArguments, run_benchmark
 from .job import JobArguments, JobData, arm_training_arguments, trainer_kwargs
 from .optimize_lm import format_lm_report, is_causal_lm, run_optimize_lm
@@ -119,15 +119,22 @@ class OptimizeArguments(ModelArguments):
         metadata={"help": "Depth: whole transformer layers removed in every candidate, the lowest block influence "
                   "first (ShortGPT, Minitron). 0 keeps every layer."},
     )
+    layer_importance: str = field(
+        default="block_influence",
+        metadata={"help": "Layer importance criterion for --layers_to_remove and the causal-LM search: a registered "
+                  "layer criterion (block_influence: how little a layer changes its input; loss: how much the loss "
+                  "rises when it is skipped)."},
+    )
     recovery_seeds: Optional[list[int]] = field(
         default=None,
         metadata={"help": "Seeds of the recovery fine-tune, one recovery each; the best on the validation split is "
                   "kept, all are reported (default: --seed only)."},
     )
-    importance: str = field(
-        default="gradient",
+    importance: Optional[str] = field(
+        default=None,
         metadata={"help": "Head/neuron importance criterion: a registered unit criterion (gradient, activation, "
-                  "taylor, ...)."},
+                  "taylor, ...). Default: gradient for classifiers (the loss on their labels), activation for causal "
+                  "LMs (Minitron's activation norms on calibration text)."},
     )
     calibration_batches: int = field(
         default=16, metadata={"help": "Training batches the importance is scored on."}
@@ -149,6 +156,32 @@ class OptimizeArguments(ModelArguments):
     prompt_tokens: int = field(default=64, metadata={"help": "Causal LMs: prompt length of the prefill and decode "
                                                              "timings."})
     decode_tokens: int = field(default=32, metadata={"help": "Causal LMs: tokens generated per decode timing."})
+    search_axes: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Causal LMs: search the axes (heads+neurons, hidden width, both, depth, depth with width; "
+                  "width first, as Minitron recommends): each family's least pruning that meets the target, timed "
+                  "before training, the lowest held-out perplexity wins. Default: on unless --layers_to_remove or "
+                  "--hidden_fraction fixes an axis."},
+    )
+    search_steps: int = field(
+        default=0,
+        metadata={"help": "Causal LMs with the axis search: distillation steps each family's shape gets before they "
+                  "are compared (Minitron's short retraining: rankings right after the cut can change); 0 compares "
+                  "the perplexity right after the cut."},
+    )
+    onnx_decode: bool = field(
+        default=True,
+        metadata={"help": "Causal LMs: also time prefill and decode in ONNX Runtime with the key/value cache (Optimum's "
+                  "export; needs the onnx extra and a result whose layers are alike, e.g. --uniform_layers or depth/"
+                  "width pruning; otherwise the report says why it was skipped)."},
+    )
+    resume_phases: bool = field(
+        default=True,
+        metadata={"help": "Causal LMs: reuse the phases a killed run of the same command finished (importance, "
+                  "timed candidates, the recovery and its checkpoints, kept in OUT/phases with the options and inputs "
+                  "that made them); a phase made by other options or inputs is refused with the difference named. "
+                  "false starts over."},
+    )
     uniform_layers: bool = field(
         default=False, metadata={"help": "Causal LMs: every layer keeps the same numbers of heads and FFN neurons, "
                                          "and OUT/model's config says them, so plain from_pretrained loads it."})
@@ -191,7 +224,15 @@ class OptimizeArguments(ModelArguments):
                 raise ValueError(f"--{name} {getattr(self, name)!r} is invalid: a positive integer.")
         if self.eval_tokens < 0:
             raise ValueError(f"--eval_tokens {self.eval_tokens!r} is invalid: a token count, or 0 for all.")
-        if self.importance not in available_unit_criteria():
+        if self.search_steps < 0:
+            raise ValueError(f"--search_steps {self.search_steps!r} is invalid: a number of steps, >= 0.")
+        if self.search_axes and (self.layers_to_remove or self.hidden_fraction):
+            raise ValueError(f"--search_axes true searches depth and width itself; it cannot be combined with "
+                             f"--layers_to_remove {self.layers_to_remove} / --hidden_fraction {self.hidden_fraction}.")
+        if self.layer_importance not in available_layer_criteria():
+            raise ValueError(f"--layer_importance {self.layer_importance!r} is not a registered layer criterion; "
+                             f"choose one of {list(available_layer_criteria())}.")
+        if self.importance is not None and self.importance not in available_unit_criteria():
             raise ValueError(f"--importance {self.importance!r} is not a registered unit criterion; choose one of "
                              f"{list(available_unit_criteria())}.")
 
@@ -219,6 +260,9 @@ def validate_optimize(opt: OptimizeArguments, pruning_config: PruningConfig) -> 
     if opt.target_params is not None:
         raise ValueError(f"--target_params {opt.target_params} applies to causal LMs; a classifier is optimized for "
                          "--target_speedup (ONNX Runtime) and/or --max_accuracy_drop.")
+    if opt.search_axes or opt.search_steps:
+        raise ValueError(f"--search_axes {opt.search_axes} / --search_steps {opt.search_steps} apply to causal LMs; "
+                         "a classifier's axes are chosen with --layers_to_remove and --hidden_fraction.")
     if not opt.model_name_or_path:
         raise ValueError("--model_name_or_path is not set: give the fine-tuned model to optimize (a folder, e.g. "
                          "outputs/default/dense from hf-prune train, or a Hub id).")
@@ -525,6 +569,7 @@ def run_optimize(
     """
     wall = time.perf_counter()
     validate_optimize(opt, pruning_config)  # options first: nothing is loaded for a typo
+    opt = dataclasses.replace(opt, importance=opt.importance or "gradient")
     require_onnx()
     if job_data is None:
         job_data = JobData(JobArguments(model_name_or_path=opt.model_name_or_path), data_args, splits, sources)
@@ -620,7 +665,9 @@ def main(argv: Sequence[str]) -> int:
         splits, sources = (None, None) if args.data.has_source else packaged_splits(NAME)
         show_progress("hf_prune.commands.optimize")
         # run_optimize checks the options, then loads and checks the data, before any model is scored or trained.
-        report = run_optimize(args.optimize, args.data, args.pruning, args.training, splits=splits, sources=sources)
+        with hold_output_dir(args.training.output_dir):
+            report = run_optimize(args.optimize, args.data, args.pruning, args.training, splits=splits,
+                                  sources=sources)
     except (ValueError, OSError, ImportError) as err:
         raise SystemExit(f"hf-prune optimize: {err}") from None
     print()
@@ -641,10 +688,15 @@ def main_lm(args: OptimizeCommandArguments) -> int:
         if not args.optimize.model_name_or_path:
             raise ValueError("--model_name_or_path is not set: give the causal LM to optimize (a folder or Hub id).")
         show_progress("hf_prune.commands.optimize_lm")
-        report = run_optimize_lm(args.optimize, args.data, args.pruning, args.training)
+        if args.training.process_index != 0:  # one process tells the progress of a distributed run
+            logging.get_logger("hf_prune.commands.optimize_lm").setLevel(args.training.get_process_log_level())
+        with hold_output_dir(args.training.output_dir):
+            report = run_optimize_lm(args.optimize, args.data, args.pruning, args.training)
     except (ValueError, OSError, ImportError) as err:
         raise SystemExit(f"hf-prune optimize: {err}") from None
+    if not report:  # not process 0 of a distributed run: it wrote and reports nothing
+        return 0
     print()
     print(format_lm_report(report))
-    print(f"Report: {args.training.output_dir}/report.md, report.json")
+    print(f"Report: {args.training.output_dir}/report.md, report.json, report.png")
     return 0

@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import torch
 
 from ..allocation import ALLOCATION_KINDS, allocate_sparsity, check_bounds
-from ..files import atomic_write_text
+from ..files import atomic_write_text, hold_output_dir
 from ..methods import available_methods, get_method
 from ..plot import plot_sensitivity
 from ..sensitivity import DEFAULT_LEVELS, GROUP_KINDS, METRICS, analyze_sensitivity, check_levels
@@ -209,7 +209,8 @@ def main(argv: Sequence[str]) -> int:
         splits, sources = (None, None) if data_args.has_source else packaged_splits(NAME)
         job_data = JobData(JobArguments(model_name_or_path=args.model_name_or_path), data_args, splits=splits,
                            sources=sources)
-        report = run_sensitivity(args, data_args, job_data=job_data)
+        with hold_output_dir(args.output_dir):
+            report = run_sensitivity(args, data_args, job_data=job_data)
     except (ValueError, OSError) as err:
         raise SystemExit(f"hf-prune sensitivity: {err}") from None
     result = report["result"]

@@ -13,6 +13,7 @@ MiniLM (`hf_prune.recipes`). The work is `hf_prune.commands.job.run_job`.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -20,6 +21,7 @@ from transformers import TrainingArguments
 
 from ..config import PruningConfig
 from ..data import DataArguments
+from ..files import hold_output_dir
 from .job import JobArguments, JobData, format_table, run_job, validate_job
 from .parsing import (
     PACKAGED_DATA_HELP,
@@ -133,18 +135,20 @@ def parse_args(argv: Sequence[str]) -> TrainArguments:
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args = parse_args(argv)
-        splits, sources = (None, None) if args.data.has_source else packaged_splits(NAME)
-        if not args.job.model_name_or_path:
-            args.job.model_name_or_path = packaged_model(NAME)
-        # Data, labels, tokenizer and model config are loaded and checked here, before any model or training.
-        job_data = JobData(args.job, args.data, splits=splits, sources=sources)
-        validate_job(args.job, args.training, job_data)
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"hf-prune: {err}") from None
-    show_progress("hf_prune.commands.job")
-    results = run_job(args.job, args.data, args.pruning, args.training, job_data=job_data)
+    with ExitStack() as held:
+        try:
+            args = parse_args(argv)
+            splits, sources = (None, None) if args.data.has_source else packaged_splits(NAME)
+            if not args.job.model_name_or_path:
+                args.job.model_name_or_path = packaged_model(NAME)
+            # Data, labels, tokenizer and model config are loaded and checked here, before any model or training.
+            job_data = JobData(args.job, args.data, splits=splits, sources=sources)
+            validate_job(args.job, args.training, job_data)
+            held.enter_context(hold_output_dir(args.training.output_dir))
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"hf-prune: {err}") from None
+        show_progress("hf_prune.commands.job")
+        results = run_job(args.job, args.data, args.pruning, args.training, job_data=job_data)
     output_dir = args.training.output_dir
     print()
     print(f"Data: {results['data']['description']}")

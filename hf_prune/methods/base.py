@@ -35,6 +35,8 @@ class PruningMethod:
     4. `after_optimizer_step()` once the optimizer has stepped (e.g. to clear gradients of learned scores).
     5. At each scheduled pruning step: `scores(name, module)` for every targeted layer -- a float tensor of the
        weight's stored shape, higher means keep. Pruned weights are ranked last by `Pruner` whatever they score.
+    6. Right after those masks are chosen, before the newly pruned weights are zeroed: `on_masks_updated(name,
+       module, newly_pruned)` once per targeted layer (criteria that update the kept weights, e.g. OBS).
 
     One-shot pruning (`hf_prune.oneshot`, no training) drives the same class block by block: `attach` with one
     block's layers, `observe(name, inputs)` for every calibration batch those layers see (when `needs_inputs`), then
@@ -79,6 +81,12 @@ class PruningMethod:
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step."""
+
+    def on_masks_updated(self, name: str, module: nn.Module, newly_pruned: torch.Tensor) -> None:
+        """Called once per module right after `Pruner` recomputed the masks at a scheduled step, with the boolean
+        mask (the weight's stored layout, True = pruned) of the weights pruned at this step and not before, while
+        they still hold their values: they are zeroed right after this returns. A criterion may change the kept
+        weights of `module` here (OBS compensates the pruned ones); the default does nothing."""
 
     def scores(self, name: str, module: nn.Module) -> torch.Tensor:
         """Importance of every weight of `module` in its stored layout, float32; higher means keep."""

@@ -25,6 +25,10 @@ drawn on matplotlib's Agg canvas without pyplot, so no window opens, no figure s
         joins their means and every run is a dot.
     plot_accuracy_latency(results, path)
         Accuracy against p50 latency for `hf-prune benchmark` results, one point per checkpoint and runtime.
+    plot_lm_candidates(report, path)
+        The shapes `hf-prune optimize` tried on a causal LM (its report.json): held-out perplexity (log scale) and
+        decode speedup against the fraction of parameters kept, one marker per family of shapes, the chosen one
+        ringed, the dense and optimized models marked, the targets dashed.
     plot_sensitivity(sensitivity, path)
         Heatmap of `hf_prune.sensitivity` results: one row per group (ordered by layer, then kind), one column per
         pruning level, coloured by the metric's change from the unpruned baseline (red: worse, blue: better, by the
@@ -38,12 +42,12 @@ sparsity}}. Module types come from the module names of the architectures `hf_pru
 RoBERTa, DistilBERT, GPT-2, Llama-style); any other module is labelled by its path inside the layer.
 
 Modules: `canvas` (the matplotlib probe, figures, heatmaps), `sparsity`, `heads`, `training` (schedule and the
-end-of-training pair), `results` (accuracy vs sparsity or latency, sensitivity).
+end-of-training pair), `results` (accuracy vs sparsity or latency, sensitivity, causal-LM candidates).
 """
 
 from .canvas import is_matplotlib_available
 from .heads import plot_head_importance
-from .results import plot_accuracy_latency, plot_accuracy_vs_sparsity, plot_sensitivity
+from .results import plot_accuracy_latency, plot_accuracy_vs_sparsity, plot_lm_candidates, plot_sensitivity
 from .sparsity import plot_layer_sparsity, plot_sparsity_heatmap, sparsity_by_layer
 from .training import plot_schedule, plot_training
 
@@ -53,6 +57,7 @@ __all__ = [
     "plot_accuracy_vs_sparsity",
     "plot_head_importance",
     "plot_layer_sparsity",
+    "plot_lm_candidates",
     "plot_schedule",
     "plot_sensitivity",
     "plot_sparsity_heatmap",

@@ -1,4 +1,5 @@
-"""Comparisons of pruned models: accuracy against sparsity or latency, and the sensitivity of each group."""
+"""Comparisons of pruned models: accuracy against sparsity or latency, the sensitivity of each group, and the shapes
+`hf-prune optimize` tried on a causal LM."""
 
 from __future__ import annotations
 
@@ -162,4 +163,121 @@ def plot_sensitivity(sensitivity: Mapping[str, Any], path: str) -> Optional[str]
     axes.set_ylabel(f"group (under {prefix})" if prefix else "group")
     axes.set_title(f"Sensitivity: {metric} change when one group is pruned\n(red: worse, blue: better)",
                    fontsize=10)
+    return save_figure(figure, path)
+
+
+# ------------------------------------------------------------------------------------------------ causal-LM candidates
+# One marker per family of candidate shapes (`axes` in the report); families not listed take the spare markers.
+_AXES_MARKERS = {"heads+neurons": "o", "hidden": "s", "hidden+heads+neurons": "D", "depth": "v", "depth+width": "^"}
+_SPARE_MARKERS = ("P", "X", "<", ">", "h", "p")
+
+
+def optional_number(value: Any, where: str) -> Optional[float]:
+    """None for None, else `value` as a finite float (ValueError naming `where`)."""
+    return None if value is None else finite_number(value, where)
+
+
+def lm_candidate_points(report: Mapping[str, Any]) -> tuple[list[dict], dict[str, dict], dict[str, Optional[float]]]:
+    """(candidates, models, target) of an `hf-prune optimize` causal-LM report, checked and reduced to what the
+    picture draws: a candidate's perplexity is the one after the short search recovery when measured, else the one
+    right after the cut; missing values are None. ValueError naming the bad entry."""
+    if not isinstance(report, Mapping) or not isinstance(report.get("candidates"), Sequence):
+        raise ValueError("report must be the dict of an `hf-prune optimize` causal-LM run, with a 'candidates' list.")
+    candidates = []
+    for i, row in enumerate(report["candidates"]):
+        where = f"report['candidates'][{i}]"
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where} must be a dict, got {type(row).__name__}.")
+        after_search = optional_number(row.get("perplexity_after_search"), f"{where}['perplexity_after_search']")
+        candidates.append({
+            "axes": str(row.get("axes") or "heads+neurons"),
+            "params_ratio": finite_number(row.get("params_ratio"), f"{where}['params_ratio']"),
+            "decode_speedup": optional_number(row.get("decode_speedup"), f"{where}['decode_speedup']"),
+            "perplexity": after_search if after_search is not None else
+            optional_number(row.get("perplexity_after_cut"), f"{where}['perplexity_after_cut']"),
+            "chosen": bool(row.get("chosen")),
+        })
+    models = {}
+    for name, row in (report.get("models") or {}).items():
+        where = f"report['models'][{name!r}]"
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where} must be a dict, got {type(row).__name__}.")
+        models[name] = {key: optional_number(row.get(key), f"{where}[{key!r}]")
+                        for key in ("params_ratio", "perplexity", "decode_speedup")}
+    if "dense" in models:  # the reference: all of its parameters, its own speed
+        models["dense"]["params_ratio"] = models["dense"]["params_ratio"] or 1.0
+        models["dense"]["decode_speedup"] = 1.0
+    if not candidates and not models:
+        raise ValueError("report has no candidates and no models to draw.")
+    target = report.get("target") or {}
+    return candidates, models, {key: optional_number(target.get(key), f"report['target'][{key!r}]")
+                                for key in ("params", "speedup")}
+
+
+def _draw_lm_panel(axes, candidates: list[dict], models: dict[str, dict], value: str, styles: dict) -> int:
+    """Candidates by family (the chosen one ringed), then the dense and optimized models, where `value` is
+    measured; returns how many points were measured (the dense model's speedup, 1.0 by definition, is not, and is
+    drawn only beside some that are)."""
+    measured = 0
+    for family, (marker, color) in styles.items():
+        points = [c for c in candidates if c["axes"] == family and c[value] is not None]
+        if points:
+            axes.scatter([c["params_ratio"] for c in points], [c[value] for c in points], marker=marker, color=color,
+                         s=40, alpha=0.85, label=family)
+            measured += len(points)
+    chosen = [c for c in candidates if c["chosen"] and c[value] is not None]
+    if chosen:
+        axes.scatter([c["params_ratio"] for c in chosen], [c[value] for c in chosen], s=190, facecolors="none",
+                     edgecolors="black", linewidths=1.5, label="chosen")
+    rows = {name: row for name, row in models.items()
+            if name in ("dense", "optimized") and row["params_ratio"] is not None and row[value] is not None}
+    measured += sum(name != "dense" or value != "decode_speedup" for name in rows)
+    for name, marker, color, label in (("dense", "*", "black", "dense"),
+                                       ("optimized", "P", "crimson", "optimized (recovered)")):
+        if name in rows and measured:
+            axes.scatter([rows[name]["params_ratio"]], [rows[name][value]], marker=marker, color=color, s=170,
+                         edgecolors="white", linewidths=0.8, zorder=3, label=label)
+    return measured
+
+
+def plot_lm_candidates(report: Mapping[str, Any], path: str) -> Optional[str]:
+    """The shapes `hf-prune optimize` tried on a causal LM (its report.json), against the fraction of parameters
+    each keeps: held-out perplexity (log scale; after the cut, or after the short search recovery when measured) on
+    the left, decode speedup at batch 1 on the right. One marker and colour per family of shapes (`axes`), the
+    chosen candidate ringed, the dense and the recovered optimized model as a star and a cross, the targets dashed.
+    Down-left (left panel) and up-left (right panel) is better. Returns `path`, or None without matplotlib."""
+    candidates, models, target = lm_candidate_points(report)
+    figure = new_figure(12.5, 4.8, path)
+    if figure is None:
+        return None
+    from matplotlib import colormaps
+
+    families = list(dict.fromkeys(c["axes"] for c in candidates))
+    spare = iter(_SPARE_MARKERS * len(families))
+    styles = {family: (_AXES_MARKERS.get(family) or next(spare), colormaps["tab10"](i % 10))
+              for i, family in enumerate(families)}
+    left, right = figure.subplots(1, 2, sharex=True)
+    panels = ((left, "perplexity", "held-out perplexity", "no perplexity measured",
+               "Perplexity vs size (down and left is better)"),
+              (right, "decode_speedup", "decode speedup vs dense (batch 1)", "no decode speedup measured",
+               "Decode speed vs size (up and left is better)"))
+    for axes, value, ylabel, empty, title in panels:
+        measured = _draw_lm_panel(axes, candidates, models, value, styles)
+        if value == "perplexity" and target["params"] is not None:
+            axes.axvline(target["params"], color="grey", linestyle="--", linewidth=1,
+                         label=f"target: {target['params']:g} of the parameters")
+        if value == "decode_speedup" and target["speedup"] is not None:
+            axes.axhline(target["speedup"], color="grey", linestyle="--", linewidth=1,
+                         label=f"target: {target['speedup']:g}x")
+        if value == "perplexity" and measured:
+            axes.set_yscale("log")
+            ylabel += " (log scale)"
+        if not measured:
+            axes.text(0.5, 0.5, empty, transform=axes.transAxes, ha="center", va="center", color="grey")
+        axes.set_xlabel("fraction of parameters kept")
+        axes.set_ylabel(ylabel)
+        axes.set_title(title, fontsize=10)
+        axes.grid(True, which="both", alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=7)
     return save_figure(figure, path)

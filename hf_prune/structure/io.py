@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -21,7 +22,7 @@ import transformers
 from torch import nn
 from transformers.utils import logging
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, staged_directory
 from .depth import prune_layers
 from .experts import prune_experts
 from .record import CONFIG_ATTR, read_record, structure_record
@@ -58,10 +59,24 @@ def save_pruned(model: nn.Module, directory: str, **save_pretrained_kwargs: Any)
     """`model.save_pretrained(directory, ...)` plus `save_structure`.
 
     Plain `save_pretrained` alone is enough for `load_pruned` (the structure is recorded in `config.json`); the JSON
-    file is a readable summary beside it.
+    file is a readable summary beside it. Weights, config and summary appear together or not at all (staged, then
+    one rename): a save that fails, for lack of space or anything else, leaves an earlier save in `directory` whole;
+    other files there (a tokenizer, logs) are kept.
     """
-    model.save_pretrained(directory, **save_pretrained_kwargs)
-    return save_structure(model, directory)
+    if save_pretrained_kwargs.get("push_to_hub"):  # save_pretrained pushes from the folder it is given
+        model.save_pretrained(directory, **save_pretrained_kwargs)
+        return save_structure(model, directory)
+    with staged_directory(directory, carry_over=lambda name: not _MODEL_FILES.match(name)) as staging:
+        model.save_pretrained(staging, **save_pretrained_kwargs)
+        save_structure(model, staging)
+    return os.path.join(directory, STRUCTURE_NAME)
+
+
+# What a model save writes and must not inherit from an earlier save in the same folder (a sharded save leaves no
+# single weight file to overwrite).
+_MODEL_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                          r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json|config\.json|"
+                          rf"generation_config\.json|{re.escape(STRUCTURE_NAME)})$")
 
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
