@@ -33,17 +33,9 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data
 from hf_prune import PruningConfig, PruningTrainer, evaluate_perplexity, load_pruned, oneshot, structure_summary
 from hf_prune.commands.markdown import table
 from hf_prune.commands.optimize_lm import Windows, parameters, token_ids
+from hf_prune.commands.shapes import cut as cut_shape
+from hf_prune.commands.shapes import score_structures
 from hf_prune.runtime import decode_timings
-from hf_prune.structure import prune_hidden, prune_layers
-from hf_prune.units import (
-    compute_channel_importance,
-    compute_head_importance,
-    compute_layer_importance,
-    compute_neuron_importance,
-    prune_by_importance,
-    select_channels_to_prune,
-    select_layers_to_prune,
-)
 
 
 def main() -> None:
@@ -73,25 +65,17 @@ def main() -> None:
                                               generator=torch.Generator().manual_seed(0),
                                               collate_fn=default_data_collator)
     start = time.perf_counter()
-    found = {
-        "heads": compute_head_importance(dense, calibration, method="activation", max_batches=args.calibration_batches),
-        "neurons": compute_neuron_importance(dense, calibration, method="activation",
-                                             max_batches=args.calibration_batches),
-        "layers": compute_layer_importance(dense, calibration, max_batches=args.calibration_batches),
-        "channels": compute_channel_importance(dense, calibration, max_batches=args.calibration_batches),
-    }
+    # Scored and cut as `hf-prune optimize` does (activation importance, block-influence layers, hidden channels
+    # in multiples of 8), every axis at once.
+    options = argparse.Namespace(importance="activation", layer_importance="block_influence", layers_to_remove=0,
+                                 hidden_fraction=0.0, calibration_batches=args.calibration_batches,
+                                 model_name_or_path=path)
+    found = score_structures(dense, calibration, options, every_axis=True)
     importance_seconds = time.perf_counter() - start
     total = parameters(dense)
 
     def cut(layers: int = 0, hidden: float = 0.0, fraction: float = 0.0) -> torch.nn.Module:
-        model = copy.deepcopy(dense)
-        if fraction:
-            prune_by_importance(model, found["heads"], found["neurons"], fraction, fraction)
-        if layers:
-            prune_layers(model, select_layers_to_prune(found["layers"], layers, model=dense))
-        if hidden:
-            prune_hidden(model, select_channels_to_prune(found["channels"], hidden, model=dense, multiple_of=8))
-        return model.eval()
+        return cut_shape(dense, found.with_axes(dense, layers, hidden), fraction).eval()
 
     def least(make, grid) -> tuple[torch.nn.Module, str]:
         """The first shape of `grid` (least pruning first) at or under the parameter target."""

@@ -18,7 +18,13 @@ same learning-rate schedule, batch size and data order per seed, and is scored o
   `hf-prune sensitivity`, an `allocation.json` given with `--allocation_file`). The first config's own arm is the
   uniform one when it ranks locally (`scope: local`, as `configs/default.yaml`).
 
-Writes JSON and Markdown (mean and per-seed accuracy and macro-F1) to benchmarks/results/.
+- `--budgets 1 3`: every arm again at 3x the steps (`NAME @3x`, compared with `dense @3x`).
+- `--two_lines_learning_rates 1e-4 1e-3`: the two-line arms at each rate (a variant may fix its own:
+  `NAME:scope=global,learning_rate=1e-3`).
+- `--resume`: keep the (arm, seed) rows already in OUTPUT.json and run only the missing ones; a cut run continues,
+  and arms or seeds added later join the same table.
+
+Writes JSON and Markdown (mean, spread and per-seed accuracy, macro-F1) to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -76,7 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no_baseline", action="store_true", help="skip the torch.nn.utils.prune arm")
     parser.add_argument("--no_two_lines", action="store_true", help="skip the README's two-line callback arm")
     parser.add_argument("--two_lines_variants", nargs="*", default=[],
-                        help="extra two-line arms, each NAME:KEY=VALUE[,KEY=VALUE...] of PruningConfig fields")
+                        help="extra two-line arms, each NAME:KEY=VALUE[,KEY=VALUE...] of PruningConfig fields, and "
+                        "learning_rate=LR for that arm alone (else --two_lines_learning_rates)")
     parser.add_argument("--allocations", nargs="*", default=[], choices=["owl", "allocated"],
                         help="extra arms of the first config with non-uniform sparsity (see above)")
     parser.add_argument("--allocation_file", default=None,
@@ -86,13 +93,21 @@ def main(argv=None) -> int:
                         help="save each dense arm to WORKDIR/dense-SEED (a fine-tuned model for hf-prune optimize)")
     parser.add_argument("--baseline_learning_rates", nargs="+", type=float, default=None,
                         help="learning rates of the torch.nn.utils.prune arm (default: the dense arm's)")
+    parser.add_argument("--two_lines_learning_rates", nargs="+", type=float, default=None,
+                        help="learning rates of the two-line arms, one arm each (default: the dense arm's)")
     parser.add_argument("--max_steps", type=int, default=250)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0],
+                        help="training budgets as multiples of --max_steps, every arm (dense too) at each: "
+                        "`--budgets 1 3`; an arm past 1x is named `NAME @3x` and compared with `dense @3x`")
     parser.add_argument("--dense_path", default=None,
                         help="reuse a dense model fine-tuned with the same job settings and the single --seeds "
                         "value; with {seed} in the path (WORKDIR/dense-{seed}, what --save_dense writes), one per "
                         "seed, and seeds without one are trained")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
     parser.add_argument("--workdir", default="outputs/bench_sparsity")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the arms already in OUTPUT.json and run only the missing (arm, seed) pairs: a cut "
+                        "run continues, and new arms or seeds join the same table")
     args = parser.parse_args(argv)
     if "allocated" in args.allocations and not args.allocation_file:
         parser.error("--allocations allocated needs --allocation_file (allocation.json from hf-prune sensitivity)")
@@ -101,7 +116,7 @@ def main(argv=None) -> int:
         name, _, settings = spec.partition(":")
         try:
             variants[name] = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in settings.split(","))}
-            PruningConfig(**variants[name])
+            PruningConfig(**{k: v for k, v in variants[name].items() if k != "learning_rate"})
         except (ValueError, TypeError) as err:
             parser.error(f"--two_lines_variants {spec!r}: {err}")
 
@@ -123,6 +138,14 @@ def main(argv=None) -> int:
                                       learning_rate=learning_rate, seed=seed)
 
     results: dict = {"settings": vars(args), "arms": {}}
+    if args.resume and os.path.isfile(args.output + ".json"):
+        with open(args.output + ".json", encoding="utf-8") as handle:
+            earlier = json.load(handle)
+        results["arms"] = earlier["arms"]
+        results["earlier_settings"] = earlier.get("earlier_settings", []) + [earlier["settings"]]
+
+    def done(name, seed) -> bool:
+        return str(seed) in results["arms"].get(name, {})
 
     def record(name, seed, row):
         results["arms"].setdefault(name, {})[str(seed)] = row
@@ -137,19 +160,33 @@ def main(argv=None) -> int:
                 key: statistics.mean(row[key] for row in per_seed.values()) for key in ("accuracy", "macro_f1", "sparsity")
             }
         results["summary"] = summary
-        dense_acc = summary["dense"]["accuracy"]
-        done = [int(seed) for seed in results["arms"]["dense"]]
+        seeds_done = sorted({int(seed) for per_seed in results["arms"].values() for seed in per_seed})
         lines = [
-            f"Packaged MiniLM on tweet sentiment, {args.max_steps} steps, seeds {done} (of {args.seeds}), test split of "
-            f"{len(data['test'])}; accuracy and macro-F1 are means over seeds.",
+            f"Packaged MiniLM on tweet sentiment, {args.max_steps} steps per 1x of budget (an arm `@3x` trains 3x as "
+            f"long), seeds {seeds_done} (of {args.seeds}), test split of {len(data['test'])}; accuracy and macro-F1 "
+            "are means over seeds, spread is the sample standard deviation; % of dense is each seed's share of that "
+            "seed's dense arm at the same budget, averaged.",
             "",
-            "| arm | sparsity | accuracy | % of dense | macro-F1 | per-seed accuracy |",
-            "|---|---|---|---|---|---|",
+            "| arm | sparsity | accuracy | spread | % of dense | macro-F1 | per-seed accuracy |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for name, row in summary.items():
-            per_seed = ", ".join(f"{r['accuracy']:.4f}" for r in results["arms"][name].values())
+        def budget_then_dense_first(name):
+            _, at, budget = name.partition(" @")
+            return float(budget.rstrip("x")) if at else 1.0, not name.startswith("dense")
+
+        for name in sorted(summary, key=budget_then_dense_first):
+            row = summary[name]
+            _, at, budget = name.partition(" @")
+            # Per seed against that seed's dense arm, then averaged: an arm run on fewer seeds is compared fairly.
+            dense_rows = results["arms"].get(f"dense @{budget}" if at else "dense", {})
+            shares = [r["accuracy"] / dense_rows[seed]["accuracy"]
+                      for seed, r in results["arms"][name].items() if seed in dense_rows]
+            share = f"{statistics.mean(shares):.1%}" if shares else "-"
+            accuracies = [r["accuracy"] for r in results["arms"][name].values()]
+            spread = f"{statistics.stdev(accuracies):.4f}" if len(accuracies) > 1 else "-"
+            per_seed = ", ".join(f"{seed}: {r['accuracy']:.4f}" for seed, r in results["arms"][name].items())
             lines.append(
-                f"| {name} | {row['sparsity']:.1%} | {row['accuracy']:.4f} | {row['accuracy'] / dense_acc:.1%} | "
+                f"| {name} | {row['sparsity']:.1%} | {row['accuracy']:.4f} | {spread} | {share} | "
                 f"{row['macro_f1']:.4f} | {per_seed} |"
             )
         os.makedirs(os.path.dirname(args.output), exist_ok=True)
@@ -159,67 +196,97 @@ def main(argv=None) -> int:
             handle.write("\n".join(lines) + "\n")
         return lines
 
-    for seed in args.seeds:
-        start = time.perf_counter()
-        dense_path = args.dense_path.format(seed=seed) if args.dense_path else None
-        if dense_path and "{seed}" not in args.dense_path and len(args.seeds) != 1:
-            raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value, or put {seed} in it.")
-        reused = dense_path is not None and os.path.isfile(os.path.join(dense_path, "config.json"))
-        if dense_path and not reused and "{seed}" not in args.dense_path:
-            raise SystemExit(f"--dense_path {dense_path!r} holds no saved model (config.json).")
-        if reused:
-            dense = Trainer(
-                model=AutoModelForSequenceClassification.from_pretrained(dense_path),
-                args=arm_args(base_training, "dense", seed),
-                compute_metrics=compute_metrics,
-            )
-        else:
-            dense = train_dense(job_data, arm_args(base_training, "dense", seed))
-        record("dense", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
-        if args.save_dense and not reused:
-            dense.save_model()
+    def run_seed_budget(seed: int, budget: float) -> None:
+        """Every arm of one seed trained for `budget` times --max_steps; arms past 1x are named `NAME @Bx`."""
+        tag = "" if budget == 1 else f" @{budget:g}x"
+        steps = round(args.max_steps * budget)
+
+        def at_budget(training):
+            return dataclasses.replace(training, max_steps=steps)
+
+        dense_trainer = []
+
+        def dense_model():
+            """The dense arm of this seed and budget, trained (or reloaded with --dense_path) when first needed."""
+            if dense_trainer:
+                return dense_trainer[0].model
+            start = time.perf_counter()
+            dense_path = args.dense_path.format(seed=seed) if args.dense_path and budget == 1 else None
+            if dense_path and "{seed}" not in args.dense_path and len(args.seeds) != 1:
+                raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value, or put {seed} in it.")
+            reused = dense_path is not None and os.path.isfile(os.path.join(dense_path, "config.json"))
+            if dense_path and not reused and "{seed}" not in args.dense_path:
+                raise SystemExit(f"--dense_path {dense_path!r} holds no saved model (config.json).")
+            if reused:
+                dense = Trainer(
+                    model=AutoModelForSequenceClassification.from_pretrained(dense_path),
+                    args=arm_args(base_training, "dense", seed),
+                    compute_metrics=compute_metrics,
+                )
+            else:
+                dense = train_dense(job_data, arm_args(at_budget(base_training), f"dense{tag}", seed))
+            record(f"dense{tag}", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
+            if args.save_dense and not reused and budget == 1:
+                dense.save_model()
+            dense_trainer.append(dense)
+            return dense.model
 
         for learning_rate in [] if args.no_baseline else args.baseline_learning_rates or [base_training.learning_rate]:
+            name = f"torch_prune_baseline (lr {learning_rate:g}){tag}"
+            if done(name, seed):
+                continue
             start = time.perf_counter()
-            baseline_args = arm_args(base_training, "baseline", seed, learning_rate)
             trainer = Trainer(
-                model=job_data.fresh_model(seed), args=baseline_args, train_dataset=data["train"],
-                compute_metrics=compute_metrics, callbacks=[TorchPruneBaseline(baseline_config)],
+                model=job_data.fresh_model(seed),
+                args=arm_args(at_budget(base_training), f"baseline{tag}", seed, learning_rate),
+                train_dataset=data["train"], compute_metrics=compute_metrics,
+                callbacks=[TorchPruneBaseline(baseline_config)],
             )
             trainer.train()
-            name = f"torch_prune_baseline (lr {learning_rate:g})"
             record(name, seed, score_arm(trainer, data["test"], baseline_config, time.perf_counter() - start))
 
         two_line_arms = {} if args.no_two_lines else {"": {}}
         two_line_arms.update(variants)
         for variant, settings in two_line_arms.items():
-            start = time.perf_counter()
-            # all else at its default
-            two_lines = PruningConfig(target_sparsity=baseline_config.target_sparsity, **settings)
-            suffix = f"[{variant}]" if variant else ""
-            trainer = Trainer(
-                model=job_data.fresh_model(seed), args=arm_args(base_training, f"two_lines{variant}", seed),
-                train_dataset=data["train"], compute_metrics=compute_metrics,
-                callbacks=[MagnitudePruningCallback(two_lines)],
-            )
-            trainer.train()
-            name = f"two_lines{suffix} (lr {base_training.learning_rate:g})"
-            record(name, seed, score_arm(trainer, data["test"], two_lines, time.perf_counter() - start))
+            settings = dict(settings)
+            own_rate = float(settings.pop("learning_rate")) if "learning_rate" in settings else None
+            for learning_rate in [own_rate] if own_rate else args.two_lines_learning_rates or [base_training.learning_rate]:
+                suffix = f"[{variant}]" if variant else ""
+                name = f"two_lines{suffix} (lr {learning_rate:g}){tag}"
+                if done(name, seed):
+                    continue
+                start = time.perf_counter()
+                # all else at its default
+                two_lines = PruningConfig(target_sparsity=baseline_config.target_sparsity, **settings)
+                trainer = Trainer(
+                    model=job_data.fresh_model(seed),
+                    args=arm_args(at_budget(base_training), f"two_lines{variant}-lr{learning_rate:g}{tag}", seed,
+                                  learning_rate),
+                    train_dataset=data["train"], compute_metrics=compute_metrics,
+                    callbacks=[MagnitudePruningCallback(two_lines)],
+                )
+                trainer.train()
+                record(name, seed, score_arm(trainer, data["test"], two_lines, time.perf_counter() - start))
 
         for name, (job, config, training) in ({} if args.no_recipes else arms_config).items():
+            if done(f"{name}{tag}", seed):
+                continue
             start = time.perf_counter()
             trainer = PruningTrainer(
                 model=job_data.fresh_model(seed),
-                args=arm_args(training, name, seed, job.pruning_learning_rate),
+                args=arm_args(at_budget(training), f"{name}{tag}", seed, job.pruning_learning_rate),
                 pruning_config=config,
-                teacher_model=dense.model if job.distill else None,
+                teacher_model=dense_model() if job.distill else None,
                 train_dataset=data["train"], compute_metrics=compute_metrics,
             )
             trainer.train()
-            record(name, seed, score_arm(trainer, data["test"], config, time.perf_counter() - start))
+            record(f"{name}{tag}", seed, score_arm(trainer, data["test"], config, time.perf_counter() - start))
 
         first_name, (first_job, first_config, first_training) = next(iter(arms_config.items()))
         for allocation in args.allocations:
+            name = f"{first_name}+{allocation}{tag}"
+            if done(name, seed):
+                continue
             if allocation == "owl":
                 from torch.utils.data import DataLoader
                 from transformers import default_data_collator
@@ -228,24 +295,29 @@ def main(argv=None) -> int:
 
                 calibration = DataLoader(data["train"].with_format("torch"), batch_size=32, shuffle=True,
                                          generator=torch.Generator().manual_seed(0), collate_fn=default_data_collator)
-                overrides = owl_sparsity(dense.model, calibration, first_config.target_sparsity,
+                overrides = owl_sparsity(dense_model(), calibration, first_config.target_sparsity,
                                          targets=first_config.targets, exclude=first_config.exclude, progress=False)
             else:
                 with open(args.allocation_file, encoding="utf-8") as handle:
                     overrides = json.load(handle)
             config = dataclasses.replace(first_config, sparsity_overrides=overrides)
-            name = f"{first_name}+{allocation}"
             start = time.perf_counter()
             trainer = PruningTrainer(
                 model=job_data.fresh_model(seed),
-                args=arm_args(first_training, name, seed, first_job.pruning_learning_rate),
+                args=arm_args(at_budget(first_training), name, seed, first_job.pruning_learning_rate),
                 pruning_config=config,
-                teacher_model=dense.model if first_job.distill else None,
+                teacher_model=dense_model() if first_job.distill else None,
                 train_dataset=data["train"], compute_metrics=compute_metrics,
             )
             trainer.train()
             record(name, seed, score_arm(trainer, data["test"], config, time.perf_counter() - start))
-        write_results()
+        if not done(f"dense{tag}", seed):
+            dense_model()
+
+    for seed in args.seeds:
+        for budget in args.budgets:
+            run_seed_budget(seed, budget)
+            write_results()
 
     lines = write_results()
     print("\n".join(lines))

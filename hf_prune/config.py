@@ -227,6 +227,14 @@ class PruningConfig:
             "recovery from heavy pruning (layer-wise distillation, as in CoFi and oBERT recipes)."
         },
     )
+    rewarm_after_pruning: bool = field(
+        default=False,
+        metadata={
+            "help": "PruningTrainer: after the last mask update, bring the learning rate back to its peak and decay "
+            "it linearly to 0 by the last step (learning-rate rewinding, Renda et al. 2020), so that the recovery "
+            "after the final prune trains at full step size instead of the schedule's tail."
+        },
+    )
     allow_resume_changes: bool = field(
         default=False,
         metadata={
@@ -266,7 +274,7 @@ class PruningConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 kind = "a bool" if isinstance(value, bool) else type(value).__name__
                 _fail(name, value, f"{allowed}, not {kind}")
-        for name in ("remove_structures", "allow_resume_changes"):
+        for name in ("remove_structures", "allow_resume_changes", "rewarm_after_pruning"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 _fail(name, value, "give True or False (true/false in YAML, on the command line also yes/no)")
@@ -302,8 +310,10 @@ class PruningConfig:
         if isinstance(self.pruning_interval, bool) or not isinstance(self.pruning_interval, int) \
                 or self.pruning_interval < 1:
             _fail("pruning_interval", self.pruning_interval, "a positive number of steps")
-        # obs options are checked whatever the method (as soft movement's are), so a config that switches method
-        # later never carries a broken value; other methods ignore them.
+        # Method options are checked whatever the method, so a config that switches method later never carries a
+        # broken value; other methods ignore them.
+        if not 0 <= self.regularization_lambda < float("inf"):  # written so that NaN fails too
+            _fail("regularization_lambda", self.regularization_lambda, "must be a finite number >= 0")
         for name in ("obs_block_size", "obs_num_gradients"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

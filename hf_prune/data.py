@@ -127,6 +127,10 @@ class DataArguments:
         self.text_columns = parse_text_columns(self.text_columns)
         if not self.label_column:
             raise ValueError("--label_column is empty: name the column that holds the labels.")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) \
+                or not 0 <= self.split_seed < 2**32:
+            raise ValueError(f"--split_seed {self.split_seed!r} is invalid: a whole number in [0, 2**32) (the "
+                             "shuffle that carves the splits takes no other).")
         if self.text_columns and self.label_column in self.text_columns:
             raise ValueError(f"--label_column {self.label_column!r} is also one of --text_columns {self.text_columns}.")
         files = {option: getattr(self, option) for option in _FILE_OPTIONS.values() if getattr(self, option)}

@@ -565,6 +565,18 @@ def _check_options(optimize: Optional[str], quantize: Optional[str], sparse_init
             raise ValueError(f"{name}={value!r} must be a number >= 0.")
 
 
+def check_task(task: Optional[str]) -> None:
+    """A task Optimum can export (None: inferred from the model), checked before any model is loaded."""
+    if task is None:
+        return
+    from optimum.exporters.tasks import TasksManager
+
+    known = sorted(TasksManager.get_all_tasks())
+    if task not in known:
+        raise ValueError(f"task={task!r} is not a task Optimum exports; choose one of {known}, or leave it out to "
+                         "infer it from the model.")
+
+
 def export_onnx(
     model_or_path: Union[str, os.PathLike, nn.Module],
     output_dir: Union[str, os.PathLike],
@@ -615,6 +627,7 @@ def export_onnx(
     if isinstance(model_or_path, (str, os.PathLike)) and not Path(model_or_path).is_dir():
         raise FileNotFoundError(f"model_or_path={str(model_or_path)!r} is not a directory with a saved model.")
     require_onnx()
+    check_task(task)
     output_dir = Path(output_dir)
     model, tokenizer, source_dir, removed = _prepare_model(model_or_path, remove_structures, tokenizer)
     summary = _safe_summary(model)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import re
 import shutil
@@ -12,6 +14,8 @@ import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path: str, write: Callable[[str], Any]) -> str:
@@ -260,3 +264,30 @@ def hold_output_dir(path: str, option: str = "--output_dir") -> Iterator[None]:
         yield
     finally:
         handle.close()  # closing releases the lock
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(folder: str) -> Optional[str]:
+    """The newest `checkpoint-N` in `folder` that was written to the end, or None.
+
+    Trainer writes a checkpoint's files in place and `trainer_state.json` last, so a process killed while saving
+    leaves a `checkpoint-N` whose state file is missing or cut short; resuming from it would fail (or load a
+    truncated optimizer). Such a folder is skipped with a warning and the one before it is taken.
+    """
+    if not os.path.isdir(folder):
+        return None
+    numbered = sorted(((int(m.group(1)), name) for name in os.listdir(folder)
+                       if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(folder, name))), reverse=True)
+    for _, name in numbered:
+        path = os.path.join(folder, name)
+        try:
+            with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+                json.load(handle)
+        except (OSError, ValueError):
+            logger.warning(f"hf_prune: {path} was not written to the end (its trainer_state.json is missing or cut "
+                           "short: the run was stopped while saving it); not resuming from it.")
+            continue
+        return path
+    return None

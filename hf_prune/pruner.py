@@ -57,6 +57,8 @@ RESUME_SENSITIVE_FIELDS = (
     "pruning_interval", "granularity", "block_shape", "n_m", "scope", "targets", "exclude", "head_sparsity",
     "neuron_sparsity", "sparsity_overrides",
 )
+# Fields that shape one method's state: checked only when that method runs (a magnitude run ignores obs_*).
+METHOD_RESUME_FIELDS = {"obs": ("obs_block_size", "obs_num_gradients", "obs_damp")}
 
 
 def _normalized(value: Any) -> Any:
@@ -407,7 +409,8 @@ class Pruner:
         if not isinstance(saved, dict) or self.config.allow_resume_changes:
             return
         current = self.config.to_dict()
-        changed = [(key, saved[key], current[key]) for key in RESUME_SENSITIVE_FIELDS
+        fields = RESUME_SENSITIVE_FIELDS + METHOD_RESUME_FIELDS.get(self.config.method, ())
+        changed = [(key, saved[key], current[key]) for key in fields
                    if key in saved and _normalized(saved[key]) != _normalized(current[key])]
         if changed:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)

@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from .callbacks import PruningCallback
 from .config import PruningConfig
+from .files import last_complete_checkpoint
 from .finalize import model_card_section, pruned_structure, write_model_card_section
 from .masks import config_sparsity_report
 from .plot import plot_training
@@ -213,17 +214,27 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            # The newest checkpoint written to the end: a run killed while saving leaves a partial one, which
+            # Trainer's own choice (the highest number) would fail to load.
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir "
+                                 f"{self.args.output_dir!r} to resume from.")
         if isinstance(resume_from_checkpoint, str):
             self.pruning_callback.resume_from = resume_from_checkpoint
-        elif resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            self.pruning_callback.resume_from = get_last_checkpoint(self.args.output_dir)
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.plot_dir is not None and self.is_world_process_zero():
             report = config_sparsity_report(self.model, self.pruning_config)
             plot_training(self.state.log_history, report, self.plot_dir)
         return result
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.pruning_config.rewarm_after_pruning and not getattr(scheduler, "hf_prune_rewarmed", False):
+            self.lr_scheduler = scheduler = rewarmed(scheduler, self.pruning_config, num_training_steps,
+                                                     self.args.lr_scheduler_type)
+        return scheduler
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -293,3 +304,26 @@ class PruningTrainer(Trainer):
             report = config_sparsity_report(self.model, self.pruning_config)
             section = model_card_section(self.pruning_config, report, pruned_structure(self.model))
             write_model_card_section(self.args.output_dir, section)
+
+
+def rewarmed(scheduler: Any, config: PruningConfig, num_training_steps: int, kind: Any) -> Any:
+    """`scheduler` until the last mask update of `config`'s schedule, then back at the peak learning rate and
+    linearly down to 0 at `num_training_steps` (every parameter group alike)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from .schedules import SparsitySchedule
+
+    if not isinstance(scheduler, LambdaLR):
+        raise ValueError(f"PruningConfig.rewarm_after_pruning=True needs a learning-rate schedule given as factors "
+                         f"of the peak (Transformers' linear, cosine, constant, polynomial, ...); lr_scheduler_type "
+                         f"{kind!r} made a {type(scheduler).__name__}.")
+    end = SparsitySchedule.from_config(config, num_training_steps).end_step
+    after = max(num_training_steps - end, 1)
+
+    def factor(before):
+        # LambdaLR calls it with the number of optimizer steps taken: the masks were last updated after step `end`.
+        return lambda step: before(step) if step < end else max(0.0, (num_training_steps - step) / after)
+
+    combined = LambdaLR(scheduler.optimizer, [factor(f) for f in scheduler.lr_lambdas])
+    combined.hf_prune_rewarmed = True
+    return combined

@@ -10,13 +10,17 @@ import csv
 import importlib.util
 import os
 
-import pytest
+# Offline before huggingface_hub, transformers and datasets are imported: they read these once, at import. Nothing
+# here needs the network, and a lookup of a missing name then fails at once instead of after the Hub's retries.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
 import torch
 import transformers
 from datasets import Dataset
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process make them
 # ~100x slower through contention.

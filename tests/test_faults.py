@@ -202,3 +202,103 @@ def test_a_job_killed_at_any_moment_never_leaves_a_half_written_model_nor_loses_
         assert report
     assert main(argv) == 0  # and the next run cleans what the killed ones left beside the folder
     assert no_leftovers(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------------------------------------ long jobs continue
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_when_resuming(tmp_path, caplog):
+    from hf_prune.files import last_complete_checkpoint
+
+    config = PruningConfig(target_sparsity=0.5, warmup_fraction=0.0, cooldown_fraction=0.0, pruning_interval=1)
+    args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    data = random_classification_data(n=16)
+    PruningTrainer(model=tiny_bert(), args=args, pruning_config=config, train_dataset=data).train()
+    # As a kill -9 while Trainer saved checkpoint-6 leaves it: weights written, trainer_state.json never.
+    partial = tmp_path / "checkpoint-6"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes((tmp_path / "checkpoint-4" / "model.safetensors").read_bytes()[:100])
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert "checkpoint-6 was not written to the end" in caplog.text
+    (partial / "trainer_state.json").write_text('{"global_step": 6, "log_hist')  # cut mid-write
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert last_complete_checkpoint(str(tmp_path / "nothing-here")) is None
+    # PruningTrainer.train(resume_from_checkpoint=True) takes checkpoint-4 (Trainer's own choice would be 6 and fail).
+    resumed = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=6, save_strategy="no"),
+                             pruning_config=config, train_dataset=data)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6 and resumed.pruner.measured_sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+def classifier_job(tmp_path: Path, command: str, out: str) -> list[str]:
+    """`hf-prune train` or `hf-prune optimize` (classifier) on tiny CSVs, checkpoints every 2 of 8 steps."""
+    from conftest import WORDS, save_named_classifier, write_csv
+
+    source = tmp_path / "classifier"
+    if not source.exists():
+        save_named_classifier(source)
+        for split, n in (("train", 48), ("validation", 18), ("test", 24)):
+            rows = [(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5)), ("bad", "good", "meh")[i % 3])
+                    for i in range(n)]
+            write_csv(tmp_path / f"{split}.csv", rows)
+    common = ["--model_name_or_path", str(source), "--train_file", str(tmp_path / "train.csv"), "--validation_file",
+              str(tmp_path / "validation.csv"), "--test_file", str(tmp_path / "test.csv"), "--output_dir", out,
+              "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size",
+              "8", "--max_length", "16", "--use_cpu", "--disable_tqdm", "true"]
+    if command == "train":
+        return ["train", *common, "--target_sparsity", "0.5", "--pruning_interval", "1"]
+    return ["optimize", *common, "--target_speedup", "1000", "--recovery_seeds", "3", "4", "--fraction_step", "0.25",
+            "--max_fraction", "0.5", "--calibration_batches", "2", "--timing_rounds", "1", "--timing_repeats", "2",
+            "--benchmark_rounds", "1", "--benchmark_repeats", "2"]
+
+
+def killed_when(argv: list[str], folder: Path, pattern: str, timeout: float = 600) -> bool:
+    """Run `hf-prune ARGV` in a process and kill -9 it as soon as a path matching `pattern` appears under `folder`;
+    False when the run ended first."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "hf_prune.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if any(folder.glob(pattern)):
+            process.kill()
+            process.wait()
+            return True
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    return False
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_pruned(str(folder)).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", pytest.param("optimize", marks=[
+    pytest.mark.onnx, pytest.mark.skipif(not is_onnx_available(), reason="needs the onnx extra")])])
+def test_a_long_job_killed_again_and_again_continues_to_the_result_of_an_uninterrupted_one(tmp_path, command):
+    whole = str(tmp_path / "whole")
+    start = time.perf_counter()
+    killed_at(classifier_job(tmp_path, command, whole), 600)
+    duration = time.perf_counter() - start
+    results = "results.json" if command == "train" else "report.json"
+    assert (Path(whole) / results).is_file()
+    out = tmp_path / "out"
+    argv = classifier_job(tmp_path, command, str(out))
+    killed_at(argv, duration * 0.6)  # a moment of chance
+    # Then at chosen moments: mid-way through a training phase, after a checkpoint of it, each time further on.
+    moments = (["pruned/checkpoint-2", "pruned/checkpoint-6"] if command == "train"
+               else ["recovery/*-seed3/checkpoint-2", "recovery/*-seed4/checkpoint-4"])
+    for pattern in moments:
+        assert killed_when(argv, out, pattern), f"the run ended before {pattern} appeared"
+    assert main(argv) == 0
+    models = ["dense", "pruned"] if command == "train" else ["model"]
+    for name in models:
+        expected = weights(Path(whole) / name)
+        for key, tensor in weights(out / name).items():
+            torch.testing.assert_close(tensor, expected[key], msg=f"{name}: {key}")
+    reused = json.loads((out / results).read_text())["phases_reused"]
+    if command == "train":
+        assert reused == ["dense", "pruned (from its last checkpoint)"]
+    else:
+        assert reused[:4] == ["dense", "importance", "search", "recovery-0.50-seed3"]
+    assert no_leftovers(out) == []

@@ -265,3 +265,48 @@ def test_runs_are_deterministic_and_both_arms_get_a_model_card(model_dir, tmp_pa
     assert training_args_of(tmp_path / "a" / "pruned").full_determinism is True
     # The "newly initialized" warning of the new classifier head is printed once per job, not once per arm.
     assert capsys.readouterr().err.count("newly initialized") <= 2  # once per run of the two
+
+
+def test_a_rerun_reuses_the_dense_arm_and_continues_the_pruned_one_from_its_checkpoint(model_dir, tmp_path, caplog):
+    import shutil
+
+    train = write_csv(tmp_path / "train.csv", labelled(40, ["positive", "negative"]))
+    test = write_csv(tmp_path / "test.csv", labelled(10, ["negative", "positive"], seed=2))
+    out = tmp_path / "out"
+    argv = tiny_run(model_dir, out, "--train_file", train, "--test_file", test, "--target_sparsity", "0.5",
+                    "--save_strategy", "steps", "--save_steps", "2")
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["phases_reused"] == []
+    pruned = {k: v.clone() for k, v in
+              transformers.AutoModelForSequenceClassification.from_pretrained(out / "pruned").state_dict().items()}
+    dense_weights = (out / "dense" / "model.safetensors").read_bytes()
+
+    # Killed in the pruned arm after checkpoint-2: the dense arm is reused as it is, the pruned one continues from
+    # checkpoint-2 and ends with the weights of the uninterrupted run.
+    shutil.rmtree(out / "pruned" / "checkpoint-4")
+    (out / "pruned" / "model.safetensors").unlink()
+    with caplog.at_level("INFO", logger="hf_prune.commands.job"):
+        assert main(argv) == 0
+    assert "dense arm: reusing" in caplog.text and "continuing from" in caplog.text and "checkpoint-2" in caplog.text
+    results = json.loads((out / "results.json").read_text())
+    assert results["phases_reused"] == ["dense", "pruned (from its last checkpoint)"]
+    assert results["arms"]["dense"] == first["arms"]["dense"]
+    assert results["arms"]["pruned"]["accuracy"] == first["arms"]["pruned"]["accuracy"]
+    assert (out / "dense" / "model.safetensors").read_bytes() == dense_weights  # not trained nor saved again
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(out / "pruned").state_dict()
+    for name, tensor in pruned.items():
+        torch.testing.assert_close(again[name], tensor, msg=name)
+
+    # Other options or data for the dense arm: refused naming the difference; --resume_phases false starts over.
+    with pytest.raises(SystemExit, match=r"dense.pt holds the dense phase of another run \(training.learning_rate: "):
+        main([*argv, "--learning_rate", "1e-3"])
+    other = write_csv(tmp_path / "other.csv", labelled(40, ["positive", "negative"], seed=5))
+    with pytest.raises(SystemExit, match=r"dense.pt holds the dense phase of another run \(data.train: 'data:"):
+        main([a if a != train else other for a in argv])
+    # Only the pruned arm's settings changed: the dense arm is reused, the pruned arm's checkpoints are refused.
+    with pytest.raises(SystemExit, match=r"pruned-started.pt holds the pruned-started phase of another run "
+                                         r"\(pruning_config: "):
+        main([*argv[:-4], "--target_sparsity", "0.75", *argv[-4:]])
+    assert main([*argv, "--learning_rate", "1e-3", "--resume_phases", "false"]) == 0
+    assert json.loads((out / "results.json").read_text())["phases_reused"] == []

@@ -104,8 +104,8 @@ def test_update_of_several_weights_is_the_constrained_optimum_and_keeps_earlier_
     assert loss(updated) == pytest.approx(loss(best), rel=1e-3)
 
 
-@pytest.mark.parametrize("num_gradients", [3, 12])  # fewer and more gradients than weights per block
-def test_sherman_morrison_inverse_equals_linalg_inv(num_gradients):
+@pytest.mark.parametrize("num_gradients", [3, 12])  # fewer (Woodbury) and more gradients than weights per block
+def test_closed_form_block_inverses_equal_linalg_inv(num_gradients):
     generator = torch.Generator().manual_seed(1)
     layer = nn.Linear(5, 3)  # 15 weights: blocks of 8, the second one padded
     grads = [torch.randn(3, 5, generator=generator) * 1e-2 for _ in range(num_gradients)]
@@ -285,6 +285,18 @@ def test_resumed_obs_run_ends_with_the_masks_and_weights_of_an_uninterrupted_one
 
 
 # ------------------------------------------------------------------------------------------------ refusals
+def test_resume_under_other_obs_settings_is_refused_and_other_methods_ignore_them():
+    saved = PruningConfig(method="obs", target_sparsity=0.5, obs_num_gradients=4).to_dict()
+    pruner = Pruner(tiny_bert(), PruningConfig(method="obs", target_sparsity=0.5, obs_num_gradients=8))
+    with pytest.raises(ValueError, match=r"obs_num_gradients: 4 in the checkpoint, 8 now"):
+        pruner.check_resume_config(saved, "checkpoint-7")
+    # A state written before the obs fields existed (no such keys) still resumes.
+    pruner.check_resume_config({k: v for k, v in saved.items() if not k.startswith("obs_")}, "checkpoint-7")
+    # A magnitude run does not use the ring: its obs_* settings are not part of what shaped its masks.
+    magnitude = Pruner(tiny_bert(), PruningConfig(target_sparsity=0.5, obs_num_gradients=8))
+    magnitude.check_resume_config({**saved, "method": "magnitude"}, "checkpoint-7")
+
+
 @pytest.mark.parametrize("option, value, allowed", [
     ("obs_block_size", 0, "whole number >= 1"),
     ("obs_block_size", "32", "whole number >= 1"),

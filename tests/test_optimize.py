@@ -279,3 +279,61 @@ def test_optimize_reaches_other_encoder_families(family, data_files, tmp_path):
     assert sum(report["chosen"]["heads_per_layer"]) == 2
     model = load_pruned(str(out / "model"))
     assert type(model).__name__ == config_class.__name__.replace("Config", "ForSequenceClassification")
+
+
+# ------------------------------------------------------------------------------------------------ finished phases
+@needs_onnx
+def test_a_rerun_continues_from_the_finished_phases_and_refuses_those_of_other_options(classifier_dir, data_files,
+                                                                                        tmp_path, caplog):
+    import shutil
+
+    from hf_prune import load_pruned
+
+    out = tmp_path / "out"
+    argv = optimize_argv(classifier_dir, data_files, out, "--target_speedup", "1000", "--recovery_seeds", "3", "4",
+                         "--save_strategy", "steps", "--save_steps", "2")
+    argv[argv.index("--max_steps") + 1] = "4"
+    assert main(["optimize", *argv]) == 0
+    whole = {name: t.clone() for name, t in load_pruned(str(out / "model")).state_dict().items()}
+    seed4 = load_pruned(str(out / "recovery" / "0.75-seed4" / "model")).state_dict()
+    assert sorted(p.name for p in (out / "phases").iterdir()) == [
+        "dense.pt", "export.pt", "importance.pt", "recovery-0.75-seed3-started.pt", "recovery-0.75-seed3.pt",
+        "recovery-0.75-seed4-started.pt", "recovery-0.75-seed4.pt", "search.pt"]
+    first = json.loads((out / "report.json").read_text())
+    assert first["phases_reused"] == []
+
+    # The same command again: every phase reused, nothing trained, the same report.
+    assert main(["optimize", *argv]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["phases_reused"] == ["dense", "importance", "search", "recovery-0.75-seed3",
+                                       "recovery-0.75-seed4", "export"]
+    assert [r["reused"] for r in report["recoveries"]] == [True, True]
+    assert report["chosen"] == first["chosen"] and report["dense"] == first["dense"]
+    assert [c["ms"] for c in report["candidates"]] == [c["ms"] for c in first["candidates"]]  # the kept timings
+
+    # Killed in seed 4's recovery after checkpoint-2: its model, its phase, the later checkpoint and the export never
+    # written. The rerun keeps seed 3, continues seed 4 from checkpoint-2 and ends with the same weights.
+    shutil.rmtree(out / "recovery" / "0.75-seed4" / "model")
+    shutil.rmtree(out / "recovery" / "0.75-seed4" / "checkpoint-4")
+    for name in ("recovery-0.75-seed4.pt", "export.pt"):
+        (out / "phases" / name).unlink()
+    with caplog.at_level("INFO", logger="hf_prune.commands.optimize"):
+        assert main(["optimize", *argv]) == 0
+    assert "continuing from" in caplog.text and "checkpoint-2" in caplog.text
+    report = json.loads((out / "report.json").read_text())
+    assert report["phases_reused"] == ["dense", "importance", "search", "recovery-0.75-seed3"]
+    for name, tensor in load_pruned(str(out / "recovery" / "0.75-seed4" / "model")).state_dict().items():
+        torch.testing.assert_close(tensor, seed4[name], msg=name)
+    for name, tensor in load_pruned(str(out / "model")).state_dict().items():
+        torch.testing.assert_close(tensor, whole[name], msg=name)
+
+    # Other options or other data: the phase they change is refused, naming the difference.
+    other_steps = [a if a != "4" else "5" for a in argv]
+    with pytest.raises(SystemExit, match=r"recovery-0.75-seed3.pt holds the recovery-0.75-seed3 phase of another run "
+                                         r"\(training.max_steps: 4 then, 5 now\)"):
+        main(["optimize", *other_steps])
+    other_data = [data_files["validation"] if a == data_files["train"] else a for a in argv]
+    with pytest.raises(SystemExit, match=r"dense.pt holds the dense phase of another run \(data.train: 'data:"):
+        main(["optimize", *other_data])
+    assert main(["optimize", *other_steps, "--resume_phases", "false"]) == 0
+    assert json.loads((out / "report.json").read_text())["phases_reused"] == []

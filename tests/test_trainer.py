@@ -451,3 +451,71 @@ def test_pruning_trainer_distils_hidden_states_into_a_width_and_depth_pruned_stu
     )
     assert trainer.train().training_loss > 0
     assert student.config.hidden_size == 24 and student.config.num_hidden_layers == 1
+
+
+class RecordLearningRate(TrainerCallback):
+    def __init__(self):
+        self.rates = {}
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.rates[state.global_step + 1] = optimizer.param_groups[0]["lr"]  # the rate step N+1 is taken with
+
+
+def test_rewarm_after_pruning_restores_the_peak_rate_after_the_last_mask_update(tmp_path):
+    # 20 steps, masks updated from step 2 to step 14 (cooldown 0.3): then the rate jumps back to the peak and
+    # decays linearly to 0 at step 20; before that it is Trainer's own linear decay.
+    schedule = dict(target_sparsity=0.5, warmup_fraction=0.1, cooldown_fraction=0.3, pruning_interval=2)
+    runs = {}
+    for rewarm in (False, True):
+        record = RecordLearningRate()
+        trainer = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path / str(rewarm), learning_rate=1e-3),
+                                 pruning_config=PruningConfig(**schedule, rewarm_after_pruning=rewarm),
+                                 train_dataset=random_classification_data(), callbacks=[record])
+        trainer.train()
+        assert trainer.pruner.measured_sparsity() == pytest.approx(0.5, abs=1e-3)
+        runs[rewarm] = record.rates
+    plain, rewarmed = runs[False], runs[True]
+    assert [rewarmed[s] for s in range(1, 15)] == pytest.approx([plain[s] for s in range(1, 15)])
+    assert rewarmed[15] == pytest.approx(1e-3) and plain[15] == pytest.approx(1e-3 * 6 / 20)
+    assert [rewarmed[s] for s in range(15, 21)] == pytest.approx([1e-3 * (20 - s + 1) / 6 for s in range(15, 21)])
+
+
+def test_rewarm_after_pruning_needs_a_schedule_of_factors(tmp_path):
+    trainer = PruningTrainer(model=tiny_bert(), args=training_args(tmp_path, lr_scheduler_type="reduce_lr_on_plateau",
+                                                                   eval_strategy="steps", eval_steps=5),
+                             pruning_config=PruningConfig(target_sparsity=0.5, rewarm_after_pruning=True),
+                             train_dataset=random_classification_data(), eval_dataset=random_classification_data())
+    with pytest.raises(ValueError, match="rewarm_after_pruning=True needs a learning-rate schedule given as factors"):
+        trainer.train()
+    with pytest.raises(ValueError, match="rewarm_after_pruning"):
+        PruningConfig(rewarm_after_pruning="yes")
+
+
+@pytest.mark.parametrize("case, learning_rate, target, warned", [
+    ("encoder at 90% and the dense rate", 1e-4, 0.9, True),
+    ("encoder at 90% and a large rate", 1e-3, 0.9, False),
+    ("encoder at 50%", 1e-4, 0.5, False),
+    ("causal LM at 90%", 1e-4, 0.9, False),
+])
+def test_a_small_learning_rate_at_high_sparsity_is_named_with_the_rate_to_use(tmp_path, caplog, case, learning_rate,
+                                                                               target, warned):
+    import logging
+
+    from conftest import tiny_causal_lm
+
+    config = PruningConfig(target_sparsity=target, warmup_fraction=0.0, cooldown_fraction=0.0, pruning_interval=1)
+    if case.startswith("causal"):
+        model = tiny_causal_lm()
+        data = [{"input_ids": torch.arange(8) % 100, "labels": torch.arange(8) % 100} for _ in range(8)]
+    else:
+        model, data = tiny_bert(), random_classification_data()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2, learning_rate=learning_rate),
+                      train_dataset=data, callbacks=[MagnitudePruningCallback(config)])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    message = f"pruning to 90% of the weights with learning_rate={learning_rate:g}"
+    assert (message in caplog.text) is warned, case
+    if warned:
+        assert caplog.text.count(message) == 1
+        assert "TrainingArguments(learning_rate=0.001)" in caplog.text and "scope='global'" in caplog.text
+        assert "PruningTrainer with the dense model as teacher" in caplog.text

@@ -47,7 +47,7 @@ from ..data import parse_text_columns, resolve_text_columns
 from ..files import OutputDirInUse, atomic_write_text, hold_output_dir
 from ..masks import sparsity_report
 from ..metrics import classification_metrics
-from ..export import require_onnx
+from ..export import OPTIMIZATION_LEVELS, require_onnx
 from ..runtime import onnx_logits_runner
 from ..flops import encoder_flops
 from ..structure import load_pruned, structure_summary
@@ -108,6 +108,9 @@ class BenchmarkArguments:
                 raise ValueError(f"checkpoints: {path!r} is not a directory.")
         if self.names is not None and len(self.names) != len(self.checkpoints):
             raise ValueError(f"names has {len(self.names)} entries for {len(self.checkpoints)} checkpoints.")
+        if self.optimize not in (None, "none", *OPTIMIZATION_LEVELS):
+            raise ValueError(f"--optimize {self.optimize!r} is not allowed; choose one of {list(OPTIMIZATION_LEVELS)}, "
+                             "or none to skip the optimised ONNX arm.")
         unknown = sorted(set(self.runtimes) - set(RUNTIMES))
         if unknown or not self.runtimes:
             raise ValueError(f"runtimes={self.runtimes!r} is not allowed; choose from {list(RUNTIMES)}.")

@@ -44,14 +44,15 @@ from transformers.utils import logging
 
 from ..config import PruningConfig
 from ..data import ClassificationData, DataArguments, load_classification_data
-from ..files import atomic_write_text
+from ..files import atomic_write_text, last_complete_checkpoint
 from ..finalize import add_results_to_model_card
 from ..masks import config_sparsity_report
 from ..metrics import compute_metrics
 from ..plot import plot_training
 from ..trainer import PruningTrainer
 from .markdown import table
-from .parsing import ModelArguments
+from .parsing import ModelArguments, from_pretrained_option
+from .phases import PhaseStore, dataset_identity, identity, training_record
 
 logger = logging.get_logger(__name__)
 
@@ -92,6 +93,14 @@ class JobArguments(ModelArguments):
         default=False,
         metadata={"help": "Fine-tune and score the dense arm only (a baseline, or the fine-tuned model `hf-prune "
                   "optimize` starts from); no pruned arm."},
+    )
+
+    resume_phases: bool = field(
+        default=True,
+        metadata={"help": "Continue a killed run of the same command: reuse the dense arm it finished (kept in "
+                  "OUT/phases with the options and data that made it) and continue the pruned arm from its last "
+                  "Trainer checkpoint (with --save_strategy steps). A phase made by other options or data is refused "
+                  "with the difference named; false starts over."},
     )
 
     def __post_init__(self) -> None:
@@ -150,22 +159,6 @@ def _pruning_text(config: PruningConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ data and models
-def _from_pretrained(auto_class: Any, path: str, option: str) -> Any:
-    """`auto_class.from_pretrained(path)`, failing with the option's name: Transformers' own message for a missing
-    folder is a Hub error about repo ids."""
-    try:
-        return auto_class.from_pretrained(path)
-    except (OSError, ValueError) as err:  # HFValidationError is a ValueError; a missing file an OSError
-        if os.path.exists(path) and not os.path.isdir(path):
-            problem = "is a file, not a model folder"
-        elif not os.path.isdir(path) and (path.count("/") > 1 or os.path.isabs(path) or path.startswith(".")):
-            problem = "does not exist"
-        else:
-            problem = f"could not be loaded ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-        raise ValueError(f"--{option} {path!r} {problem}: give a model folder (save_pretrained output) or a Hub "
-                         "model id that is cached or reachable.") from None
-
-
 class JobData:
     """The checked data, tokenizer and tokenized splits of a job, loaded once and shared by all arms.
 
@@ -188,7 +181,7 @@ class JobData:
         self.data_args = data_args
         self.classes: ClassificationData = load_classification_data(data_args, splits, sources)
         self.label_config = self.classes.label_config()
-        self.tokenizer = _from_pretrained(AutoTokenizer, self.model_path, "model_name_or_path")
+        self.tokenizer = from_pretrained_option(AutoTokenizer, self.model_path, "model_name_or_path")
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"--model_name_or_path {self.model_path!r}: its tokenizer has neither a pad nor an "
@@ -251,7 +244,7 @@ def validate_job(job: JobArguments, training_args: TrainingArguments, job_data: 
         raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint!r}: the two-arm job does "
                          "not resume; resume an arm with PruningTrainer.train(resume_from_checkpoint=...) instead.")
     if job.teacher_path:
-        config = _from_pretrained(AutoConfig, job.teacher_path, "teacher_path")
+        config = from_pretrained_option(AutoConfig, job.teacher_path, "teacher_path")
         names = job_data.label_names
         if config.num_labels != len(names):
             raise ValueError(f"--teacher_path {job.teacher_path!r} has num_labels={config.num_labels} but the data "
@@ -366,7 +359,21 @@ def run_job(
     logger.info(f"data: {job_data.description}; labels {job_data.label_names}")
 
     dense_args = arm_training_arguments(training_args, "dense")
-    if job.teacher_path:
+    # Finished arms kept in OUT/phases with what produced them: a rerun of the same command continues.
+    store = PhaseStore(output_dir, enabled=job.resume_phases)
+    inputs = {"model": identity(job_data.model_path), "labels": job_data.label_names,
+              **{f"data.{name}": dataset_identity(split) for name, split in data.items()}}
+    dense_record = {**inputs, **training_record(dense_args)}
+    kept_dense = None
+    if not job.teacher_path and os.path.isfile(os.path.join(dense_args.output_dir, "config.json")):
+        kept_dense = store.fetch("dense", dense_record)
+    if kept_dense is not None:
+        logger.info(f"dense arm: reusing the one a previous run of this command finished in {dense_args.output_dir}")
+        dense = AutoModelForSequenceClassification.from_pretrained(dense_args.output_dir)
+        dense_trainer = Trainer(model=dense, args=dataclasses.replace(dense_args, push_to_hub=False),
+                                compute_metrics=compute_metrics, data_collator=default_data_collator)
+        results["arms"]["dense"] = kept_dense
+    elif job.teacher_path:
         logger.info(f"dense arm: scoring the fine-tuned teacher {job.teacher_path} (no dense training)")
         dense = AutoModelForSequenceClassification.from_pretrained(job.teacher_path)
         dense_trainer = Trainer(model=dense, args=dataclasses.replace(dense_args, push_to_hub=False),
@@ -381,6 +388,8 @@ def run_job(
         logger.info(f"dense arm: scoring on the test split ({len(data['test'])} examples)")
         results["arms"]["dense"] = score_arm(dense_trainer, data["test"], pruning_config, seconds)
         _finish_arm(dense_trainer, "dense", job_data, results["arms"])
+        if dense_trainer.is_world_process_zero():
+            store.keep("dense", dense_record, results["arms"]["dense"])
     if job.dense_only:
         _write_results(results, output_dir)
         return results
@@ -398,13 +407,26 @@ def run_job(
         teacher_model=teacher,
         **trainer_kwargs(job_data),
     )
+    # The pruned arm continues from its last checkpoint when the checkpoints are this command's (same options,
+    # data and dense arm); the marker is written before its first step.
+    pruned_record = {**inputs, **training_record(pruned_args), "pruning_config": pruning_config.to_dict(),
+                     "distill": job.distill, "prune_from_dense": job.prune_from_dense,
+                     "teacher": identity(job.teacher_path) if job.teacher_path else dense_record}
+    last = last_complete_checkpoint(pruned_args.output_dir)
+    resume = None
+    if last is not None and store.fetch("pruned-started", pruned_record, marker=True) is not None:
+        logger.info(f"pruned arm: continuing from {last}")
+        resume = last
+    elif trainer.is_world_process_zero():
+        store.keep("pruned-started", pruned_record, {"output_dir": pruned_args.output_dir})
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     logger.info(f"pruned arm: scoring on the test split ({len(data['test'])} examples)")
     results["arms"]["pruned"] = score_arm(trainer, data["test"], pruning_config, seconds)
     _finish_arm(trainer, "pruned", job_data, results["arms"])
 
+    results["phases_reused"] = store.reused + (["pruned (from its last checkpoint)"] if resume else [])
     _write_results(results, output_dir)
     for path in write_plots(trainer, pruning_config, output_dir).values():
         logger.info(f"plot: {path}")

@@ -24,7 +24,7 @@ from ..oneshot.calibration import calibration_windows
 from ..oneshot.engine import oneshot, oneshot_config, oneshot_methods
 from .markdown import table
 from .optimize_lm import read_documents
-from .parsing import CommandParser, ModelArguments, parse_command
+from .parsing import CommandParser, ModelArguments, from_pretrained_option, parse_command
 
 logger = logging.get_logger(__name__)
 
@@ -77,6 +77,19 @@ class OneShotArguments(ModelArguments):
         if self.method not in usable:
             raise ValueError(f"--method {self.method!r} is invalid: choose a registered method that prunes without "
                              f"training, one of {usable}.")
+        if self.pattern is not None:
+            n, _, m = self.pattern.partition(":")
+            if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+                raise ValueError(f"--pattern {self.pattern!r} is invalid: write it as N:M with 0 < N < M, e.g. 2:4.")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device {self.device!r} is not a device torch knows; e.g. cpu, cuda, cuda:1.") \
+                    from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device!r}: no CUDA device here; leave it out (cuda when available, "
+                                 "else cpu) or give cpu.")
         if self.sparsity is not None and self.pattern is not None:
             raise ValueError(f"--sparsity {self.sparsity} and --pattern {self.pattern}: give one (an N:M pattern fixes "
                              "the sparsity at 1 - N/M).")
@@ -90,6 +103,11 @@ class OneShotArguments(ModelArguments):
             value = getattr(self, option)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{option} {value!r} is invalid: give a positive integer.")
+        for option in ("window", "stride"):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{option} {value!r} is invalid: a positive number of tokens (or leave it out for "
+                                 f"the default).")
         if self.eval_tokens is not None and self.eval_tokens < 0:
             raise ValueError(f"--eval_tokens {self.eval_tokens} is invalid: give 0 (all) or a positive count.")
         for path in (self.calibration_file, self.evaluation_file):
@@ -118,7 +136,12 @@ def load_texts(args: OneShotArguments) -> Optional[tuple[list[str], list[str], s
         import datasets
 
         def split(name: str) -> list[str]:
-            table = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=name)
+            try:
+                table = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=name)
+            except Exception as err:  # datasets raises many kinds: not found, offline, no such split or config
+                config = f" --dataset_config_name {args.dataset_config_name!r}" if args.dataset_config_name else ""
+                raise ValueError(f"--dataset_name {args.dataset_name!r}{config} (split {name!r}) could not be loaded "
+                                 f"with datasets.load_dataset: {type(err).__name__}: {err}") from None
             if args.text_column not in table.column_names:
                 raise ValueError(f"--text_column {args.text_column!r} is not a column of {args.dataset_name}; it has "
                                  f"{table.column_names}.")
@@ -143,7 +166,7 @@ def run_oneshot(args: OneShotArguments, texts: Optional[tuple[list[str], list[st
     if not args.model_name_or_path:
         raise ValueError("--model_name_or_path is required: a causal LM folder or Hub id.")
     path = args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = from_pretrained_option(AutoTokenizer, path, "model_name_or_path")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     calibration, evaluation, source = loaded
     eval_ids = torch.tensor(tokenizer("\n\n".join(evaluation))["input_ids"])

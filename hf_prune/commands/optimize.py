@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence, Union
@@ -37,10 +38,10 @@ from transformers.utils import logging
 
 from ..config import PruningConfig
 from ..data import DataArguments
-from ..export import export_onnx, require_onnx
-from ..files import hold_output_dir, staged_directory
+from ..export import ExportResult, export_onnx, require_onnx
+from ..files import hold_output_dir, last_complete_checkpoint, staged_directory
 from ..finalize import add_results_to_model_card
-from ..latency import LatencyProbe, fraction_grid, search_least_fraction
+from ..latency import LatencyPoint, LatencyProbe, fraction_grid, search_least_fraction
 from ..metrics import compute_metrics
 from ..structure import load_pruned, structure_summary
 from ..structure.io import resolve_directory
@@ -50,6 +51,7 @@ from .benchmark import BenchmarkArguments, run_benchmark
 from .job import JobArguments, JobData, arm_training_arguments, trainer_kwargs
 from .optimize_lm import format_lm_report, is_causal_lm, run_optimize_lm
 from .optimize_report import fmt_scores, format_report, seed_summary, write_report
+from .phases import PhaseStore, dataset_identity, identity, training_record
 from .parsing import (
     PACKAGED_DATA_HELP,
     CommandParser,
@@ -177,10 +179,10 @@ class OptimizeArguments(ModelArguments):
     )
     resume_phases: bool = field(
         default=True,
-        metadata={"help": "Causal LMs: reuse the phases a killed run of the same command finished (importance, "
-                  "timed candidates, the recovery and its checkpoints, kept in OUT/phases with the options and inputs "
-                  "that made them); a phase made by other options or inputs is refused with the difference named. "
-                  "false starts over."},
+        metadata={"help": "Reuse the phases a killed run of the same command finished (the dense model's scores, "
+                  "importance, timed candidates, each recovery seed and its Trainer checkpoints, the export; kept in "
+                  "OUT/phases with the options and inputs that made them); a phase made by other options or inputs "
+                  "is refused with the difference named. false starts over."},
     )
     uniform_layers: bool = field(
         default=False, metadata={"help": "Causal LMs: every layer keeps the same numbers of heads and FFN neurons, "
@@ -216,6 +218,10 @@ class OptimizeArguments(ModelArguments):
             raise ValueError(f"--layers_to_remove {self.layers_to_remove!r} is invalid: a whole number of layers, >= 0.")
         if self.recovery_seeds is not None and not self.recovery_seeds:
             raise ValueError("--recovery_seeds is empty: give at least one seed, or leave it out to use --seed.")
+        for seed in self.recovery_seeds or ():
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+                raise ValueError(f"--recovery_seeds {seed!r} is invalid: each seed a whole number in [0, 2**32) "
+                                 "(what Trainer's set_seed takes).")
         if self.target_params is not None and not 0.0 < self.target_params < 1.0:
             raise ValueError(f"--target_params {self.target_params!r} is invalid: the fraction of parameters kept, "
                              "in (0, 1), e.g. 0.6.")
@@ -246,10 +252,11 @@ class Recovery:
     validation: Optional[dict[str, float]]
     test: dict[str, float]
     seconds: float
-    trainer: Any = None  # kept for the chosen one only
+    model_dir: Optional[str] = None  # the recovered model and its card, saved when the recovery finished
+    reused: bool = False  # taken from a finished phase of an earlier run of the same command
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "trainer"}
+        return asdict(self)
 
 
 def validate_optimize(opt: OptimizeArguments, pruning_config: PruningConfig) -> None:
@@ -287,6 +294,11 @@ def _evaluate(trainer: Trainer, dataset: Optional[datasets.Dataset], prefix: str
     return {"accuracy": metrics[f"{prefix}_accuracy"], "macro_f1": metrics[f"{prefix}_macro_f1"]}
 
 
+def _plain(value: Any) -> Any:
+    """NumPy scalars (ONNX Runtime's measurements) as Python numbers, for a phase record."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def _raw_test(job_data: JobData) -> datasets.Dataset:
     """The test split's text column(s) with class ids in `label`, for `run_benchmark`."""
     classes = job_data.classes
@@ -320,8 +332,32 @@ class OptimizeRun:
         self.seeds = list(opt.recovery_seeds or [training_args.seed])
         self.batch_sizes = sorted({1, opt.speedup_batch_size})
         self.phases: dict[str, float] = {}
+        # Finished phases kept in OUT/phases with what produced them: a rerun of the same command continues.
+        self.store = PhaseStore(self.out, enabled=opt.resume_phases)
+        self.inputs = {"model": identity(opt.model_name_or_path), "labels": job_data.label_names,
+                       **{f"data.{name}": dataset_identity(split) for name, split in self.data.items()}}
         self.dense, self.dense_scores = self.load_dense()
         self.importance: Optional[Importance] = None
+
+    def record(self, phase: str, fraction: Optional[float] = None, seed: Optional[int] = None) -> dict[str, Any]:
+        """What phase `phase` depends on (options and inputs), as the phase store compares it."""
+        opt, args = self.opt, self.training_args
+        record = {**self.inputs, "importance": opt.importance, "layer_importance": opt.layer_importance,
+                  "calibration_batches": opt.calibration_batches, "layers_to_remove": opt.layers_to_remove,
+                  "hidden_fraction": opt.hidden_fraction, "batch_size": args.per_device_train_batch_size,
+                  "seed": args.seed}
+        if phase in ("dense", "importance"):
+            return record
+        recovery = {"pruning_config": self.recovery_config.to_dict(), "distill": opt.distill, **training_record(args)}
+        if phase == "search":
+            record.update({name: getattr(opt, name) for name in (
+                "target_speedup", "max_accuracy_drop", "speedup_margin", "fraction_step", "max_fraction",
+                "speedup_batch_size", "speedup_precision", "quantize", "timing_rounds", "timing_repeats")})
+            if opt.target_speedup is None:  # the accuracy search recovers every probe
+                record.update(recovery)
+            return record
+        record.update({**recovery, "fraction": fraction, "recovery_seed": seed})
+        return record
 
     # ------------------------------------------------------------------------------------------- dense model
     def load_dense(self) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -336,6 +372,9 @@ class OptimizeRun:
                                                       and dense_names != [f"LABEL_{i}" for i in range(len(names))]):
             raise ValueError(f"--model_name_or_path {opt.model_name_or_path!r} predicts {dense_names} but the data "
                              f"has the labels {names}: optimize needs the model fine-tuned on this data.")
+        scores = self.store.fetch("dense", self.record("dense"))
+        if scores is not None:
+            return dense, scores
         eval_args = dataclasses.replace(self.training_args, output_dir=os.path.join(self.out, "recovery", "dense"),
                                         push_to_hub=False)
         trainer = Trainer(model=dense, args=eval_args, compute_metrics=compute_metrics,
@@ -343,16 +382,22 @@ class OptimizeRun:
         logger.info(f"dense model: scoring {opt.model_name_or_path} on the validation and test splits")
         scores = {"validation": _evaluate(trainer, self.data.get("validation"), "validation"),
                   "test": _evaluate(trainer, self.data["test"], "test")}
+        self.store.keep("dense", self.record("dense"), scores)
         return dense, scores
 
     # ------------------------------------------------------------------------------------------------ score
     def score(self) -> Importance:
         """Importance of heads and neurons, and the layers / hidden channels every candidate loses, scored once."""
         args, start = self.training_args, time.perf_counter()
+        kept = self.store.fetch("importance", self.record("importance"))
+        if kept is not None:
+            self.importance = Importance(**kept)
+            return self.importance
         calibration = DataLoader(self.data["train"].with_format("torch"), batch_size=args.per_device_train_batch_size,
                                  shuffle=True, generator=torch.Generator().manual_seed(args.seed),
                                  collate_fn=default_data_collator)
         self.importance = score_structures(self.dense, calibration, self.opt)
+        self.store.keep("importance", self.record("importance"), asdict(self.importance))
         self.phases["importance_seconds"] = time.perf_counter() - start
         return self.importance
 
@@ -363,11 +408,18 @@ class OptimizeRun:
 
     # ---------------------------------------------------------------------------------------------- recover
     def recover(self, fraction: float, seed: int) -> Recovery:
-        """One recovery fine-tune of the `fraction` shape with `seed`, distilled from the dense model."""
+        """One recovery fine-tune of the `fraction` shape with `seed`, distilled from the dense model, saved with its
+        model card to OUT/recovery/FRACTION-seedSEED/model; a finished one of an earlier run of the same command is
+        reused, and an unfinished one continues from its last Trainer checkpoint (--save_strategy steps)."""
         opt, found = self.opt, self.importance
-        args = arm_training_arguments(self.training_args, os.path.join("recovery", f"{fraction:.2f}-seed{seed}"),
-                                      seed=seed)
+        arm = f"{fraction:.2f}-seed{seed}"
+        record = self.record("recovery", fraction, seed)
+        args = arm_training_arguments(self.training_args, os.path.join("recovery", arm), seed=seed)
         args = dataclasses.replace(args, push_to_hub=False)
+        model_dir = os.path.join(args.output_dir, "model")
+        kept = self.store.fetch(f"recovery-{arm}", record) if os.path.isdir(model_dir) else None
+        if kept is not None:
+            return Recovery(**{**kept, "model_dir": model_dir, "reused": True})
         extra = "".join([f", layers {found.layers_gone}" if found.layers_gone else "",
                          f", {len(found.channels_gone)} hidden channels" if found.channels_gone else ""])
         logger.info(f"recovery: {fraction:.0%} of heads and FFN neurons removed{extra}, seed {seed}, "
@@ -376,11 +428,21 @@ class OptimizeRun:
         start = time.perf_counter()
         trainer = PruningTrainer(model=self.shaped(fraction), args=args, pruning_config=self.recovery_config,
                                  teacher_model=self.dense if opt.distill else None, **trainer_kwargs(self.job_data))
-        trainer.train()
+        resume = None
+        last = last_complete_checkpoint(args.output_dir)
+        if last is not None and self.store.fetch(f"recovery-{arm}-started", record, marker=True) is not None:
+            logger.info(f"recovery {arm}: continuing from {last}")
+            resume = last
+        else:
+            self.store.keep(f"recovery-{arm}-started", record, {"output_dir": args.output_dir})
+        trainer.train(resume_from_checkpoint=resume)
         result = Recovery(fraction=fraction, seed=seed,
                           validation=_evaluate(trainer, self.data.get("validation"), "validation"),
                           test=_evaluate(trainer, self.data["test"], "test"), seconds=time.perf_counter() - start,
-                          trainer=trainer)
+                          model_dir=model_dir)
+        self.save_recovered(trainer, result)
+        self.store.keep(f"recovery-{arm}", record,
+                        {k: v for k, v in result.to_dict().items() if k not in ("model_dir", "reused")})
         logger.info(f"recovery: {fraction:.0%} removed, seed {seed}: validation accuracy "
                     f"{fmt_scores(result.validation)}, test accuracy {fmt_scores(result.test)} ({result.seconds:.0f} s)")
         return result
@@ -395,6 +457,10 @@ class OptimizeRun:
         opt = self.opt
         grid = fraction_grid(opt.fraction_step, opt.max_fraction)
         start = time.perf_counter()
+        kept = self.store.fetch("search", self.record("search"))
+        if kept is not None:
+            tried = [LatencyPoint(**point) for point in kept["tried"]]
+            return Search(tried[kept["chosen"]], tried, kept["met"], [Recovery(**r) for r in kept["recoveries"]])
         with LatencyProbe(self.dense, seq_len=self.job_data.max_length, batch_sizes=self.batch_sizes,
                           precision=opt.speedup_precision, rounds=opt.timing_rounds, repeats=opt.timing_repeats,
                           workdir=self.out) as probe:
@@ -409,6 +475,9 @@ class OptimizeRun:
                 found = Search(chosen, tried, met, [])
             else:
                 found = self.bisect_accuracy(probe, grid)
+        self.store.keep("search", self.record("search"), {
+            "tried": [asdict(p) for p in found.tried], "chosen": found.tried.index(found.chosen), "met": found.met,
+            "recoveries": [r.to_dict() for r in found.recoveries]})
         self.phases["search_seconds"] = time.perf_counter() - start
         return found
 
@@ -425,11 +494,6 @@ class OptimizeRun:
                 best, low = result, middle + 1
             else:
                 high = middle - 1
-            # Keep one model in memory: the best within budget, else the closest to it so far.
-            keep = best or min(recoveries, key=self.drop_points)
-            for r in recoveries:
-                if r is not keep:
-                    r.trainer = None
         closest = best or min(recoveries, key=self.drop_points)
         chosen = next(p for p in tried if p.fraction == closest.fraction)
         return Search(chosen, tried, best is not None, recoveries)
@@ -438,16 +502,13 @@ class OptimizeRun:
         """Recover the chosen shape with every seed (one may be done already); the best on validation is kept."""
         start = time.perf_counter()
         fraction = found.chosen.fraction
-        final = [r for r in found.recoveries if r.fraction == fraction and r.trainer is not None]
+        final = [r for r in found.recoveries if r.fraction == fraction]
         for seed in self.seeds:
             if not any(r.seed == seed for r in final):
                 result = self.recover(fraction, seed)
                 final.append(result)
                 found.recoveries.append(result)
         best = max(final, key=lambda r: r.validation["accuracy"]) if self.has_validation else final[0]
-        for r in final:
-            if r is not best:
-                r.trainer = None  # free the other seeds' models
         self.phases["recovery_seconds"] = (time.perf_counter() - start
                                            + sum(r.seconds for r in found.recoveries if r not in final))
         return best, final
@@ -460,24 +521,37 @@ class OptimizeRun:
     def export(self, best: Recovery) -> tuple[str, str, Any]:
         """Save the kept model (with a model card) atomically to OUT/model and export it to OUT/onnx."""
         start = time.perf_counter()
-        opt, data, out = self.opt, self.data, self.out
+        opt, out = self.opt, self.out
         model_dir, onnx_dir = os.path.join(out, "model"), os.path.join(out, "onnx")
-        trainer = best.trainer
+        record = {**self.record("recovery", best.fraction, best.seed), "quantize": opt.quantize}
+        kept = self.store.fetch("export", record) if os.path.isdir(model_dir) and os.path.isdir(onnx_dir) else None
+        if kept is not None:
+            return model_dir, onnx_dir, ExportResult(**kept)
         with staged_directory(model_dir) as staging:
+            for name in os.listdir(best.model_dir):
+                if os.path.isfile(os.path.join(best.model_dir, name)):
+                    shutil.copy2(os.path.join(best.model_dir, name), staging)
+        exported = export_onnx(model_dir, onnx_dir, optimize=None, quantize=opt.quantize, overwrite=True)
+        self.store.keep("export", record, json.loads(json.dumps(asdict(exported), default=_plain)))
+        self.phases["export_seconds"] = time.perf_counter() - start
+        return model_dir, onnx_dir, exported
+
+    def save_recovered(self, trainer: PruningTrainer, result: Recovery) -> None:
+        """The recovered model with its model card (training log, and the test results next to the dense model's),
+        written whole or not at all: what `export` copies to OUT/model when this recovery is the one kept."""
+        opt, data, out = self.opt, self.data, self.out
+        with staged_directory(result.model_dir) as staging:
             trainer.save_model(staging)
             add_results_to_model_card(trainer, {"dense (the model optimized)": self.dense_scores["test"],
-                                                "this model": best.test},
+                                                "this model": result.test},
                                       f"the test split ({len(data['test'])} examples; {self.job_data.description})")
-            trainer.args.output_dir = staging  # create_model_card writes into args.output_dir
+            kept_dir, trainer.args.output_dir = trainer.args.output_dir, staging  # the card goes to args.output_dir
             try:
                 trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)),
                                           finetuned_from=opt.model_name_or_path, dataset=self.job_data.description,
                                           tasks="text-classification")
             finally:
-                trainer.args.output_dir = os.path.join(out, "recovery")
-        exported = export_onnx(model_dir, onnx_dir, optimize=None, quantize=opt.quantize, overwrite=True)
-        self.phases["export_seconds"] = time.perf_counter() - start
-        return model_dir, onnx_dir, exported
+                trainer.args.output_dir = kept_dir
 
     # -------------------------------------------------------------------------------------------- benchmark
     def benchmark(self, model_dir: str, onnx_dir: str) -> tuple[Any, dict[str, Any]]:
@@ -517,7 +591,7 @@ class OptimizeRun:
 
     def report(self, best: Recovery, final: list[Recovery], found: Search, exported: Any, bench_args: Any,
                benchmark: dict[str, Any], model_dir: str, onnx_dir: str) -> dict[str, Any]:
-        summary = structure_summary(best.trainer.model)
+        summary = structure_summary(load_pruned(model_dir))
         job_data, opt = self.job_data, self.opt
         return {
             "target": self.target(best, found, benchmark),
@@ -542,6 +616,7 @@ class OptimizeRun:
                          "threads": benchmark["settings"]["threads"],
                          "onnxruntime": benchmark["settings"].get("onnxruntime"), "torch": torch.__version__},
             "phases": self.phases,
+            "phases_reused": self.store.reused,
         }
 
 

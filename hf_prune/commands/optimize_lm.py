@@ -46,13 +46,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..config import PruningConfig
 from ..data import DataArguments
 from ..export import ExportVerificationError, is_onnx_available
-from ..files import atomic_write_text, staged_directory
+from ..files import atomic_write_text, last_complete_checkpoint, staged_directory
 from ..latency import fraction_grid
 from ..perplexity import evaluate_perplexity
 from ..plot import plot_lm_candidates
@@ -69,14 +68,15 @@ from ..trainer import PruningTrainer
 from ..units import select_heads_to_prune, select_neurons_to_prune
 from .job import arm_training_arguments
 from .markdown import table
-from .phases import PhaseStore, identity
+from .phases import PhaseStore, identity, training_record
+from .parsing import from_pretrained_option
 from .shapes import Importance, cut, score_structures
 
 logger = logging.get_logger(__name__)
 
 def is_causal_lm(model_name_or_path: str) -> bool:
     """Whether the checkpoint is a causal LM, read from its config (architectures, else the model type)."""
-    config = AutoConfig.from_pretrained(model_name_or_path)
+    config = from_pretrained_option(AutoConfig, model_name_or_path, "model_name_or_path")
     names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = getattr(config, "architectures", None) or []
     if architectures:
@@ -245,13 +245,6 @@ def parameters(model: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ phases
-# The TrainingArguments that change what a recovery produces (not where it logs or saves).
-RESULT_TRAINING_ARGUMENTS = (
-    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "seed", "data_seed", "weight_decay", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "optim", "bf16",
-    "fp16", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon")
-
-
 def same_on_every_rank(value: Any) -> Any:
     """`value` as process 0 has it, on every process of a distributed run (as is otherwise): timings differ between
     processes, and every process must cut and train the same shape."""
@@ -332,9 +325,8 @@ class OptimizeLMRun:
             "search_steps", "eval_tokens", "prompt_tokens", "decode_tokens", "timing_rounds", "distill")})
         if phase == "search":
             return record
-        training = json.loads(args.to_json_string())
         record.update({"chosen": asdict(chosen), "pruning_config": self.recovery_config.to_dict(),
-                       **{f"training.{k}": training.get(k) for k in RESULT_TRAINING_ARGUMENTS}})
+                       **training_record(args)})
         return record
 
     def is_main(self) -> bool:
@@ -495,8 +487,8 @@ class OptimizeLMRun:
                                  data_collator=default_data_collator)
         resume = None
         if record is not None:
-            last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-            if last is not None and self.store.fetch("recovery_started", record) is not None:
+            last = last_complete_checkpoint(args.output_dir)
+            if last is not None and self.store.fetch("recovery_started", record, marker=True) is not None:
                 logger.info(f"{arm}: continuing from {last}")
                 resume = last
             elif self.is_main():

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -224,3 +225,19 @@ def show_progress(name: str) -> None:
         handler._hf_prune_cli = True  # type: ignore[attr-defined]
         command_logger.addHandler(handler)
     command_logger.setLevel(logging.INFO)
+
+
+def from_pretrained_option(auto_class: Any, path: str, option: str) -> Any:
+    """`auto_class.from_pretrained(path)`, failing with the option's name: Transformers' own message for a missing
+    folder is a Hub error about repo ids."""
+    try:
+        return auto_class.from_pretrained(path)
+    except (OSError, ValueError) as err:  # HFValidationError is a ValueError; a missing file an OSError
+        if os.path.exists(path) and not os.path.isdir(path):
+            problem = "is a file, not a model folder"
+        elif not os.path.isdir(path) and (path.count("/") > 1 or os.path.isabs(path) or path.startswith(".")):
+            problem = "does not exist"
+        else:
+            problem = f"could not be loaded ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        raise ValueError(f"--{option} {path!r} {problem}: give a model folder (save_pretrained output) or a Hub "
+                         "model id that is cached or reachable.") from None

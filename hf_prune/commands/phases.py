@@ -24,6 +24,33 @@ logger = logging.get_logger(__name__)
 
 PHASES_DIR = "phases"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+# The TrainingArguments that change what a training phase produces (not where it logs or saves).
+RESULT_TRAINING_ARGUMENTS = (
+    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "seed", "data_seed", "weight_decay", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "optim", "bf16",
+    "fp16", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def training_record(args: Any) -> dict[str, Any]:
+    """The TrainingArguments of `RESULT_TRAINING_ARGUMENTS`, as a phase record holds them (`training.NAME`)."""
+    values = json.loads(args.to_json_string())
+    return {f"training.{name}": values.get(name) for name in RESULT_TRAINING_ARGUMENTS}
+
+
+def dataset_identity(dataset: Any) -> Optional[str]:
+    """A `datasets.Dataset`'s content as a short hash (its Arrow table serialised): the same examples, in the same
+    order, with the same columns give the same string, wherever they were loaded from."""
+    if dataset is None:
+        return None
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    table = dataset.data.table
+    if getattr(dataset, "_indices", None) is not None:  # a select/shuffle view: the rows it shows, in its order
+        table = dataset.with_format(None).flatten_indices().data.table
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return f"data:{hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]}"
 
 
 def identity(path: Optional[str]) -> Optional[str]:
@@ -48,6 +75,10 @@ def identity(path: Optional[str]) -> Optional[str]:
     return f"name:{path}"
 
 
+class PhaseMismatch(ValueError):
+    """A kept phase was made by other options or inputs than this run's (the message names the differences)."""
+
+
 class PhaseStore:
     """`fetch` a finished phase made by the same options and inputs, `keep` one just finished.
 
@@ -65,9 +96,10 @@ class PhaseStore:
     def path(self, name: str) -> str:
         return os.path.join(self.directory, f"{name}.pt")
 
-    def fetch(self, name: str, produced_by: dict[str, Any]) -> Optional[Any]:
+    def fetch(self, name: str, produced_by: dict[str, Any], marker: bool = False) -> Optional[Any]:
         """The kept result of phase `name` when `produced_by` matches its record; None when there is none (or reuse
-        is off); ValueError naming the differences when it was made by something else."""
+        is off); PhaseMismatch naming the differences when it was made by something else. A `marker` (a phase that only
+        says another one started) is not listed in `reused`."""
         path = self.path(name)
         if not self.enabled or not os.path.isfile(path):
             return None
@@ -77,11 +109,12 @@ class PhaseStore:
         if recorded != wanted:
             changes = [f"{key}: {recorded.get(key)!r} then, {wanted.get(key)!r} now"
                        for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key)]
-            raise ValueError(f"{path} holds the {name} phase of another run ({'; '.join(changes)}). Run the same "
+            raise PhaseMismatch(f"{path} holds the {name} phase of another run ({'; '.join(changes)}). Run the same "
                              f"command to continue it, give another --output_dir, or {self.option} false to start "
                              "over.")
-        logger.info(f"{name}: reusing the finished phase kept in {path}")
-        self.reused.append(name)
+        if not marker:
+            logger.info(f"{name}: reusing the finished phase kept in {path}")
+            self.reused.append(name)
         return saved["result"]
 
     def keep(self, name: str, produced_by: dict[str, Any], result: Any) -> None:

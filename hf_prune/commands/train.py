@@ -23,6 +23,7 @@ from ..config import PruningConfig
 from ..data import DataArguments
 from ..files import hold_output_dir
 from .job import JobArguments, JobData, format_table, run_job, validate_job
+from .phases import PhaseMismatch
 from .parsing import (
     PACKAGED_DATA_HELP,
     CommandParser,
@@ -148,7 +149,10 @@ def main(argv: Sequence[str]) -> int:
         except (ValueError, OSError) as err:
             raise SystemExit(f"hf-prune: {err}") from None
         show_progress("hf_prune.commands.job")
-        results = run_job(args.job, args.data, args.pruning, args.training, job_data=job_data)
+        try:
+            results = run_job(args.job, args.data, args.pruning, args.training, job_data=job_data)
+        except PhaseMismatch as err:  # found before the arm it concerns starts: an input error, said as one
+            raise SystemExit(f"hf-prune: {err}") from None
     output_dir = args.training.output_dir
     print()
     print(f"Data: {results['data']['description']}")

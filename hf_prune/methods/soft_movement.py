@@ -26,13 +26,6 @@ class SoftMovementMethod(PruningMethod):
     requires_trainer = True
     needs_gradients = True
 
-    @classmethod
-    def validate_config(cls, config) -> None:
-        if config.regularization_lambda < 0:
-            raise ValueError(
-                f"PruningConfig.regularization_lambda={config.regularization_lambda!r} is invalid: must be >= 0."
-            )
-
     def attach(self, modules: dict[str, nn.Module]) -> None:
         super().attach(modules)
         self.score_tensors = {n: nn.Parameter(_normalised_magnitude(m.weight)) for n, m in modules.items()}
