@@ -149,11 +149,12 @@ def main(argv=None) -> int:
 
     def record(name, seed, row):
         results["arms"].setdefault(name, {})[str(seed)] = row
+        write_results()  # after every arm: a run cut short keeps what it measured, and --resume continues it
         print(f"seed {seed} {name:<22} acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
               f"sparsity {row['sparsity']:.4f} ({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)
 
     def write_results() -> list[str]:
-        """Summary over the seeds done so far, written after every seed: a cut run keeps what it measured."""
+        """Summary over the arms and seeds done so far."""
         summary = {}
         for name, per_seed in results["arms"].items():
             summary[name] = {

@@ -572,7 +572,8 @@ def check_task(task: Optional[str]) -> None:
     from optimum.exporters.tasks import TasksManager
 
     known = sorted(TasksManager.get_all_tasks())
-    if task not in known:
+    # "-with-past" (a decoder exported with its key/value cache) is a variant of any generation task.
+    if task.removesuffix("-with-past") not in known:
         raise ValueError(f"task={task!r} is not a task Optimum exports; choose one of {known}, or leave it out to "
                          "infer it from the model.")
 
