@@ -150,7 +150,7 @@ class ObsMethod(PruningMethod):
         grads.mul_((count * damp) ** -0.5)  # u_k = g_k / sqrt(m * lambda): F / lambda = I + sum_k u_k u_k^T
         return self._blocks(grads), damp
 
-    def _inverses(self, grads: Optional[torch.Tensor], index: Optional[torch.Tensor], num_blocks: int,
+    def _inverses(self, grads: torch.Tensor, index: Optional[torch.Tensor], num_blocks: int,
                   diagonal_only: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Chunks of lambda * F^-1 = (I + U^T U)^-1 for the blocks `index` (all when None), U the block's [m, B]
         scaled gradients: pairs (block indices, [c, B, B]), or (block indices, [c, B]) its diagonal only.
@@ -160,17 +160,12 @@ class ObsMethod(PruningMethod):
         (I + U^T U)^-1 = I - U^T (I_m + U U^T)^-1 U, an m x m system per block; its diagonal needs no B x B matrix
         at all. Otherwise the B x B matrix I + U^T U is factored and inverted."""
         B = self.block_size
-        device = grads.device if grads is not None else None
+        device = grads.device
         if index is None:
             index = torch.arange(num_blocks, device=device)
         chunk = max(1, CHUNK_BYTES // (4 * B * B))
         for start in range(0, index.numel(), chunk):
             rows = index[start:start + chunk]
-            if grads is None:
-                eye = torch.eye(B, device=device)
-                yield rows, (torch.ones(rows.numel(), B, device=device) if diagonal_only
-                             else eye.expand(rows.numel(), B, B).clone())
-                continue
             u = grads[:, rows].transpose(0, 1)  # [c, m, B]
             m = u.shape[1]
             if m < B:
