@@ -11,7 +11,8 @@ same learning-rate schedule, batch size and data order per seed, and is scored o
 - `two_lines`: the README's two lines, `MagnitudePruningCallback(PruningConfig(target_sparsity=...))` with every
   other setting at its default, in a plain `Trainer` at the dense arm's learning rate: what a user gets first.
 - `two_lines[VARIANT]`: the same two lines with some PruningConfig settings changed (`--two_lines_variants
-  local:scope=local cooldown:cooldown_fraction=0.5`): how the defaults were chosen.
+  local:scope=local cooldown:cooldown_fraction=0.5`): how the defaults were chosen; a variant with another method
+  (`obs:method=obs`) runs in `PruningCallback`, the callback of every method.
 - one arm per hf_prune config file (`--no_recipes` skips them).
 - `--allocations owl allocated`: the first config's recipe again with non-uniform per-module sparsity at the same
   global target: `owl` (OWL, Yin et al. 2024, computed on that seed's dense model) and `allocated` (the plan of
@@ -42,7 +43,7 @@ import yaml
 from torch.nn.utils import prune
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
-from hf_prune import MagnitudePruningCallback, PruningConfig, PruningTrainer, make_permanent
+from hf_prune import MagnitudePruningCallback, PruningCallback, PruningConfig, PruningTrainer, make_permanent
 from hf_prune.commands.job import JobData, arm_training_arguments, score_arm, train_dense
 from hf_prune.masks import find_target_modules
 from hf_prune.metrics import compute_metrics
@@ -264,7 +265,9 @@ def main(argv=None) -> int:
                     args=arm_args(at_budget(base_training), f"two_lines{variant}-lr{learning_rate:g}{tag}", seed,
                                   learning_rate),
                     train_dataset=data["train"], compute_metrics=compute_metrics,
-                    callbacks=[MagnitudePruningCallback(two_lines)],
+                    # A variant with another method (`obs:method=obs`) takes the callback of every method.
+                    callbacks=[(MagnitudePruningCallback if two_lines.method == "magnitude" else PruningCallback)(
+                        two_lines)],
                 )
                 trainer.train()
                 record(name, seed, score_arm(trainer, data["test"], two_lines, time.perf_counter() - start))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import random_classification_data, tiny_bert, training_args
 from hf_prune import (
     MagnitudePruningCallback,
     MovementPruningCallback,
+    PruningCallback,
     PruningConfig,
     PruningTrainer,
     sparsity_report,
@@ -496,6 +498,7 @@ def test_rewarm_after_pruning_needs_a_schedule_of_factors(tmp_path):
     ("encoder at 90% and a large rate", 1e-3, 0.9, False),
     ("encoder at 50%", 1e-4, 0.5, False),
     ("causal LM at 90%", 1e-4, 0.9, False),
+    ("obs at 90% and the dense rate", 1e-4, 0.9, False),  # it compensates itself: 90% kept at 1e-4
 ])
 def test_a_small_learning_rate_at_high_sparsity_is_named_with_the_rate_to_use(tmp_path, caplog, case, learning_rate,
                                                                                target, warned):
@@ -510,7 +513,8 @@ def test_a_small_learning_rate_at_high_sparsity_is_named_with_the_rate_to_use(tm
     else:
         model, data = tiny_bert(), random_classification_data()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2, learning_rate=learning_rate),
-                      train_dataset=data, callbacks=[MagnitudePruningCallback(config)])
+                      train_dataset=data, callbacks=[MagnitudePruningCallback(config) if not case.startswith("obs")
+                                                     else PruningCallback(dataclasses.replace(config, method="obs"))])
     with caplog.at_level(logging.WARNING):
         trainer.train()
     message = f"pruning to 90% of the weights with learning_rate={learning_rate:g}"
@@ -518,4 +522,5 @@ def test_a_small_learning_rate_at_high_sparsity_is_named_with_the_rate_to_use(tm
     if warned:
         assert caplog.text.count(message) == 1
         assert "TrainingArguments(learning_rate=0.001)" in caplog.text and "scope='global'" in caplog.text
+        assert "method='obs'" in caplog.text
         assert "PruningTrainer with the dense model as teacher" in caplog.text
