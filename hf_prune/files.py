@@ -106,6 +106,10 @@ _LEGACY_KINDS = ("partial", "old")
 LEGACY_LEFTOVER_SECONDS = 24 * 3600
 
 
+# The HOST-PID of a staging folder's tag followed by its random part and the nested folder's own kind.
+_NESTED_TAG = re.compile(r"([^-]+-\d+)-[0-9a-f]{8}\.(?:staging|previous)-")
+
+
 def _process_tag() -> str:
     return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
 
@@ -136,7 +140,17 @@ def recover_leftovers(path: str) -> list[str]:
         return []
     touched = []
     prefix = f".{name}."
+    # A save into a staging folder (PruningTrainer.save_model called by a command that stages OUT/model) stages in
+    # turn beside it: `..NAME.staging-TAG.staging-TAG2`. Killed there, it leaves that nested folder, which belongs to
+    # the same dead process as the outer one (TAG) and is deleted with it.
+    nested = f".{prefix}{_STAGING}-"
     for entry in sorted(os.listdir(parent)):
+        if entry.startswith(nested):
+            outer = _NESTED_TAG.match(entry[len(nested):])
+            if outer is not None and _is_dead(outer.group(1)):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                touched.append(f"removed {os.path.join(parent, entry)}")
+            continue
         if not entry.startswith(prefix):
             continue
         kind, _, rest = entry[len(prefix):].partition("-")

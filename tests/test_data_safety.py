@@ -267,14 +267,19 @@ def test_leftovers_of_killed_saves_are_cleaned_and_a_lost_folder_restored(tmp_pa
     (tmp_path / f".model.previous-{dead_tag}" / "config.json").write_text("{}")
     (tmp_path / f".model.staging-{dead_tag}").mkdir()
     (tmp_path / f".model.staging-{live_tag}").mkdir()  # a save still running in this process
+    # A save into the dead process's staging folder (Trainer.save_model inside a command's staged OUT/model) staged
+    # in turn beside it; the live process's nested one is still being written.
+    (tmp_path / f"..model.staging-{dead_tag}.staging-{dead_tag}").mkdir()
+    (tmp_path / f"..model.staging-{live_tag}.staging-{live_tag}").mkdir()
     legacy = tmp_path / ".model.partial-k2j3"
     legacy.mkdir()
     old = time.time() - 2 * 24 * 3600
     os.utime(legacy, (old, old))
     done = recover_leftovers(str(model))
     assert (model / "config.json").read_text() == "{}"
-    assert len(done) == 3 and any(d.startswith("restored") for d in done)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.staging-{live_tag}", "model"]
+    assert len(done) == 4 and any(d.startswith("restored") for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"..model.staging-{live_tag}.staging-{live_tag}",
+                                                          f".model.staging-{live_tag}", "model"]
     with staged_directory(str(model)) as staging:
         (tmp_path / "x").write_text("")  # the block runs; the live staging folder is not ours to delete
         assert os.path.isdir(staging)

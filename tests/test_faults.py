@@ -196,6 +196,11 @@ def test_a_job_killed_at_any_moment_never_leaves_a_half_written_model_nor_loses_
     killed_at(argv, 600)  # the whole run in a process of its own: how long a kill can land in
     duration = time.perf_counter() - start
     good = fingerprint(model_dir)
+    if command == "optimize":
+        # Killed inside the Trainer's save into the staged OUT/model: the save's own staging folder is nested
+        # (`..model.staging-*`), a leftover the next run must recognise too.
+        assert killed_when(argv, tmp_path / "out", "..model.staging-*"), "the run ended before its save"
+        assert fingerprint(model_dir) == good
     for fraction in (0.2, 0.5, 0.7, 0.85, 0.95):
         killed_at(argv, duration * fraction)
         now = fingerprint(model_dir)
