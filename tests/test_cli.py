@@ -52,7 +52,7 @@ def test_default_yaml_means_what_it_meant():
     assert (training.output_dir, training.dataloader_num_workers) == ("outputs/default", 0)
     assert (job.distill, job.teacher_path, job.prune_from_dense, job.model_name_or_path) == (True, None, False, None)
     assert (data.max_length, data.has_source) == (64, False)  # no data given: the CLI supplies the packaged tweets
-    assert (config.method, config.target_sparsity, config.scope) == ("obs", 0.9, "local")  # the winner of issue 24
+    assert (config.method, config.target_sparsity, config.scope) == ("obs", 0.9, "global")  # the winner of issue 24
 
 
 def test_command_line_overrides_the_config_file(tmp_path):
