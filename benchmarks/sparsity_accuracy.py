@@ -13,7 +13,9 @@ same learning-rate schedule, batch size and data order per seed, and is scored o
 - `two_lines[VARIANT]`: the same two lines with some PruningConfig settings changed (`--two_lines_variants
   local:scope=local cooldown:cooldown_fraction=0.5`): how the defaults were chosen; a variant with another method
   (`obs:method=obs`) runs in `PruningCallback`, the callback of every method.
-- one arm per hf_prune config file (`--no_recipes` skips them).
+- one arm per hf_prune config file (`--no_recipes` skips them). A config with `prune_from_dense: true` starts its
+  pruned arm from a copy of the seed's dense arm (its teacher) instead of the pretrained weights, as `hf-prune train`
+  does: the same steps of its own, on top of the dense arm's.
 - `--allocations owl allocated`: the first config's recipe again with non-uniform per-module sparsity at the same
   global target: `owl` (OWL, Yin et al. 2024, computed on that seed's dense model) and `allocated` (the plan of
   `hf-prune sensitivity`, an `allocation.json` given with `--allocation_file`). The first config's own arm is the
@@ -31,6 +33,7 @@ Writes JSON and Markdown (mean, spread and per-seed accuracy, macro-F1) to bench
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
                         help="allocation.json written by hf-prune sensitivity (for --allocations allocated)")
     parser.add_argument("--no_recipes", action="store_true", help="skip the arms of the --configs files")
     parser.add_argument("--save_dense", action="store_true",
-                        help="save each dense arm to WORKDIR/dense-SEED (a fine-tuned model for hf-prune optimize)")
+                        help="save each dense arm to WORKDIR/dense-SEED (WORKDIR/dense @3x-SEED past 1x): a "
+                        "fine-tuned model for hf-prune optimize, and --dense_path for later runs")
     parser.add_argument("--baseline_learning_rates", nargs="+", type=float, default=None,
                         help="learning rates of the torch.nn.utils.prune arm (default: the dense arm's)")
     parser.add_argument("--two_lines_learning_rates", nargs="+", type=float, default=None,
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dense_path", default=None,
                         help="reuse a dense model fine-tuned with the same job settings and the single --seeds "
                         "value; with {seed} in the path (WORKDIR/dense-{seed}, what --save_dense writes), one per "
-                        "seed, and seeds without one are trained")
+                        "seed, and seeds without one are trained; with {tag} as well ('WORKDIR/dense{tag}-{seed}') "
+                        "the budget's own (tag ' @3x' past 1x), else only the 1x arm is reused")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "sparsity_accuracy"))
     parser.add_argument("--workdir", default="outputs/bench_sparsity")
     parser.add_argument("--resume", action="store_true",
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
             earlier = json.load(handle)
         results["arms"] = earlier["arms"]
         results["earlier_settings"] = earlier.get("earlier_settings", []) + [earlier["settings"]]
+        if earlier.get("notes"):  # what a person wrote about the rows (a renamed arm, a copied seed)
+            results["notes"] = earlier["notes"]
 
     def done(name, seed) -> bool:
         return str(seed) in results["arms"].get(name, {})
@@ -213,7 +220,10 @@ def main(argv=None) -> int:
             if dense_trainer:
                 return dense_trainer[0].model
             start = time.perf_counter()
-            dense_path = args.dense_path.format(seed=seed) if args.dense_path and budget == 1 else None
+            # `{tag}` in --dense_path names the budget's own saved dense arm (WORKDIR/dense{tag}-{seed}); a path
+            # without it holds the 1x arm only.
+            dense_path = (args.dense_path.format(seed=seed, tag=tag)
+                          if args.dense_path and (budget == 1 or "{tag}" in args.dense_path) else None)
             if dense_path and "{seed}" not in args.dense_path and len(args.seeds) != 1:
                 raise SystemExit("--dense_path reuses one dense run: give exactly one --seeds value, or put {seed} in it.")
             reused = dense_path is not None and os.path.isfile(os.path.join(dense_path, "config.json"))
@@ -228,7 +238,7 @@ def main(argv=None) -> int:
             else:
                 dense = train_dense(job_data, arm_args(at_budget(base_training), f"dense{tag}", seed))
             record(f"dense{tag}", seed, score_arm(dense, data["test"], baseline_config, time.perf_counter() - start))
-            if args.save_dense and not reused and budget == 1:
+            if args.save_dense and not reused:
                 dense.save_model()
             dense_trainer.append(dense)
             return dense.model
@@ -277,7 +287,8 @@ def main(argv=None) -> int:
                 continue
             start = time.perf_counter()
             trainer = PruningTrainer(
-                model=job_data.fresh_model(seed),
+                # prune_from_dense: the student starts as a copy of this seed's fine-tuned dense arm (its teacher)
+                model=copy.deepcopy(dense_model()) if job.prune_from_dense else job_data.fresh_model(seed),
                 args=arm_args(at_budget(training), f"{name}{tag}", seed, job.pruning_learning_rate),
                 pruning_config=config,
                 teacher_model=dense_model() if job.distill else None,
