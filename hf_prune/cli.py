@@ -24,7 +24,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\nhf-prune: unknown command {argv[0]!r}; choose one of {sorted(COMMANDS)}.", file=sys.stderr)
             return 2
         return 0 if argv else 2
-    return command(argv[0]).main(argv[1:])
+    status = command(argv[0]).main(argv[1:])
+    leave_process_group()
+    return status
+
+
+def leave_process_group() -> None:
+    """Under torchrun, let every rank finish before any tears its process group down.
+
+    A rank that exits while another is still saving (rank 0 writes the model, the others have nothing to do) used to
+    leave a live gloo group behind at interpreter exit; once in a few runs that aborted the process ("terminate
+    called without an active exception", exit -6), failing a job whose result was complete. Only reached when the
+    command returned on this rank: a rank that raised leaves it to torchrun to stop the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
