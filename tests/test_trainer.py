@@ -521,6 +521,6 @@ def test_a_small_learning_rate_at_high_sparsity_is_named_with_the_rate_to_use(tm
     assert (message in caplog.text) is warned, case
     if warned:
         assert caplog.text.count(message) == 1
-        assert "TrainingArguments(learning_rate=0.001)" in caplog.text and "scope='global'" in caplog.text
+        assert "TrainingArguments(learning_rate=0.001) together with PruningConfig(scope='global')" in caplog.text
         assert "method='obs'" in caplog.text
         assert "PruningTrainer with the dense model as teacher" in caplog.text
