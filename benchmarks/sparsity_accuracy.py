@@ -101,6 +101,11 @@ def main(argv=None) -> int:
     parser.add_argument("--two_lines_learning_rates", nargs="+", type=float, default=None,
                         help="learning rates of the two-line arms, one arm each (default: the dense arm's)")
     parser.add_argument("--max_steps", type=int, default=250)
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="the pretrained model every arm starts from (default: the packaged MiniLM); a local "
+                        "folder, such as the packaged all-mpnet-base-v2 that "
+                        "hf_prune.recipes.packaged_mpnet.packaged_mpnet_path() unpacks, to see whether a larger "
+                        "model keeps more of its accuracy at the same sparsity")
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0],
                         help="training budgets as multiples of --max_steps, every arm (dense too) at each: "
                         "`--budgets 1 3`; an arm past 1x is named `NAME @3x` and compared with `dense @3x`")
@@ -115,6 +120,12 @@ def main(argv=None) -> int:
                         help="keep the arms already in OUTPUT.json and run only the missing (arm, seed) pairs: a cut "
                         "run continues, and new arms or seeds join the same table")
     args = parser.parse_args(argv)
+    model_path = args.model_name_or_path or packaged_model_path()
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        parser.error(f"--model_name_or_path {model_path!r}: no config.json there; a local model folder is allowed "
+                     "(no model can be downloaded here)")
+    model_label = ("Packaged MiniLM" if args.model_name_or_path is None
+                   else os.path.basename(os.path.normpath(model_path)))
     if "allocated" in args.allocations and not args.allocation_file:
         parser.error("--allocations allocated needs --allocation_file (allocation.json from hf-prune sensitivity)")
     variants = {}
@@ -131,7 +142,7 @@ def main(argv=None) -> int:
     arms_config = {}
     for path in args.configs:
         parsed = parse_train_args(["--config", path, "--max_steps", str(args.max_steps),
-                                   "--model_name_or_path", packaged_model_path()])
+                                   "--model_name_or_path", model_path])
         arms_config[os.path.splitext(os.path.basename(path))[0]] = (parsed.job, parsed.pruning, parsed.training)
     base_job, _, base_training = next(iter(arms_config.values()))
     job_data = JobData(base_job, parse_train_args(["--config", args.configs[0]]).data, *job_splits())
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
         results["summary"] = summary
         seeds_done = sorted({int(seed) for per_seed in results["arms"].values() for seed in per_seed})
         lines = [
-            f"Packaged MiniLM on tweet sentiment, {args.max_steps} steps per 1x of budget (an arm `@3x` trains 3x as "
+            f"{model_label} on tweet sentiment, {args.max_steps} steps per 1x of budget (an arm `@3x` trains 3x as "
             f"long), seeds {seeds_done} (of {args.seeds}), test split of {len(data['test'])}; accuracy and macro-F1 "
             "are means over seeds, spread is the sample standard deviation; % of dense is each seed's share of that "
             "seed's dense arm at the same budget, averaged.",
